@@ -1,0 +1,68 @@
+"""Typed, composable configs.
+
+`load_config("dino_5scale_r50_coco", overrides=["model.num_queries=300"])` returns a `Config`.
+A name is a module in this package exposing `config() -> Config` (variants import their base
+and change a few fields); a path is a `.py` file with such a function or a `.json` dump written
+by `dump_config`.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import pkgutil
+from pathlib import Path
+
+from configs.overrides import ConfigError, apply_overrides, dump_config, from_dict, to_dict
+from configs.schema import Config
+
+_NOT_CONFIGS = {"overrides", "schema", "model", "data", "ugs", "train", "official"}
+
+
+def available_configs() -> list[str]:
+    here = Path(__file__).parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)])
+                  if not m.ispkg and m.name not in _NOT_CONFIGS and not m.name.startswith("_"))
+
+
+def _from_python_file(path: Path) -> Config:
+    spec = importlib.util.spec_from_file_location(f"_user_config_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"cannot import config file {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "config"):
+        raise ConfigError(f"config file {path} must define a function config() -> Config")
+    return module.config()
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Resolve a named config or a file, then apply dotted `key=value` overrides."""
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        cfg = from_dict(Config, json.loads(path.read_text()))
+    elif path.suffix == ".py":
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        cfg = _from_python_file(path)
+    else:
+        if name_or_path not in available_configs():
+            raise ConfigError(f"unknown config '{name_or_path}'; available: {available_configs()} "
+                              "(or pass a path to a .py or .json config)")
+        cfg = importlib.import_module(f"configs.{name_or_path}").config()
+    if not isinstance(cfg, Config):
+        raise ConfigError(f"config '{name_or_path}' did not produce a configs.Config")
+    return apply_overrides(cfg, overrides)
+
+
+def from_official_args(args):  # noqa: ANN001 - dict or argparse.Namespace
+    """Turn an official DINO argument set into our Config (see configs/official.py)."""
+    from configs.official import from_official_args as convert
+
+    return convert(args)
+
+
+__all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "dump_config",
+           "from_dict", "to_dict", "available_configs", "from_official_args"]
