@@ -1,0 +1,99 @@
+"""Box conversions and overlaps with the official DINO numerics (dino_reference.md section 0).
+
+Formats are part of every name: ``boxes_cxcywh`` are (cx, cy, w, h), ``boxes_xyxy`` are
+(x0, y0, x1, y1); both may be normalised or absolute, the functions here do not care. All
+functions work on the last dimension and follow the input dtype, so a float64 run stays float64.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "box_area",
+    "box_cxcywh_to_xyxy",
+    "box_iou",
+    "box_xyxy_to_cxcywh",
+    "check_boxes_xyxy",
+    "generalized_box_iou",
+    "inverse_sigmoid",
+]
+
+# Both denominators of the official IoU / GIoU carry this epsilon (DETR's version has none).
+_IOU_EPS = 1e-6
+
+
+def box_cxcywh_to_xyxy(boxes_cxcywh: Tensor) -> Tensor:
+    """(..., 4) cxcywh -> (..., 4) xyxy; no clamping (official)."""
+    cx, cy, w, h = boxes_cxcywh.unbind(-1)
+    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+
+
+def box_xyxy_to_cxcywh(boxes_xyxy: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (..., 4) cxcywh."""
+    x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
+    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+
+
+def box_area(boxes_xyxy: Tensor) -> Tensor:
+    """(..., 4) xyxy -> (...) areas (negative for inverted boxes: callers validate)."""
+    return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
+
+
+def check_boxes_xyxy(boxes_xyxy: Tensor, name: str) -> None:
+    """Raise ValueError naming the first offending rows when x1 < x0 or y1 < y0 (or NaN).
+
+    The official code asserts this; an assert vanishes under ``python -O`` and says nothing
+    about which box is wrong, so we raise instead.
+    """
+    if boxes_xyxy.ndim != 2 or boxes_xyxy.shape[-1] != 4:
+        raise ValueError(f"{name}: expected boxes_xyxy of shape (N, 4), got {tuple(boxes_xyxy.shape)}")
+    # `>=` is False for NaN, so NaN boxes are reported here too.
+    ok = (boxes_xyxy[:, 2:] >= boxes_xyxy[:, :2]).all(dim=1)
+    if not bool(ok.all()):
+        bad = torch.nonzero(~ok).flatten()
+        shown = ", ".join(f"row {int(i)}: {boxes_xyxy[i].tolist()}" for i in bad[:5])
+        more = f" (and {len(bad) - 5} more)" if len(bad) > 5 else ""
+        raise ValueError(
+            f"{name}: {len(bad)} box(es) with x1 < x0 or y1 < y0 (or NaN) in xyxy format; "
+            f"{shown}{more}"
+        )
+
+
+def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
+    """Pairwise IoU and union: (N, 4), (M, 4) -> (N, M), (N, M)."""
+    area1 = box_area(boxes1_xyxy)
+    area2 = box_area(boxes2_xyxy)
+    lt = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])  # (N, M, 2)
+    rb = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])  # (N, M, 2)
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    union = area1[:, None] + area2 - inter
+    return inter / (union + _IOU_EPS), union
+
+
+def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """Pairwise GIoU (N, 4), (M, 4) -> (N, M) in [-1, 1].
+
+    Raises ValueError naming the offending boxes if any box is inverted (the GIoU formula would
+    silently return nonsense for them).
+    """
+    check_boxes_xyxy(boxes1_xyxy, "generalized_box_iou boxes1")
+    check_boxes_xyxy(boxes2_xyxy, "generalized_box_iou boxes2")
+    iou, union = box_iou(boxes1_xyxy, boxes2_xyxy)
+    lt = torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])
+    rb = torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])
+    wh = (rb - lt).clamp(min=0)
+    area_c = wh[..., 0] * wh[..., 1]  # smallest enclosing box
+    return iou - (area_c - union) / (area_c + _IOU_EPS)
+
+
+def inverse_sigmoid(x: Tensor, eps: float = 1e-3) -> Tensor:
+    """The clamped logit used everywhere in DINO: clamp to [0, 1], then log(max(x, eps) / max(1-x, eps)).
+
+    eps is 1e-3 (official DINO), not Deformable-DETR's 1e-5.
+    """
+    x = x.clamp(min=0, max=1)
+    x1 = x.clamp(min=eps)
+    x2 = (1 - x).clamp(min=eps)
+    return torch.log(x1 / x2)
