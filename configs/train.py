@@ -1,27 +1,104 @@
-"""Optimisation, evaluation and runtime sections of the config."""
+"""Optimisation, evaluation and runtime sections of the config.
+
+Defaults reproduce official DINO-5scale training (dino_reference.md section 13): AdamW at 1e-4,
+backbone at 1e-5, weight decay 1e-4, 12 epochs with a step drop after epoch 11, gradient clipping
+at max-norm 0.1. Mixed precision, gradient accumulation and the number of processes are not here:
+they come from accelerate (`accelerate config` or `configs/accelerate/*.yaml`).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
+
+from configs.overrides import ConfigError
 
 
 @dataclass
 class OptimConfig:
     lr: float = 1e-4
     lr_backbone: float = 1e-5
+    # A parameter belongs to the backbone group when its name contains one of these substrings.
+    # Official "default" grouping tests the word "backbone"; "ddetr_in_mmdet" uses "backbone.0".
+    lr_backbone_names: list[str] = field(default_factory=lambda: ["backbone.0"])
+    lr_linear_proj_names: list[str] = field(
+        default_factory=lambda: ["reference_points", "sampling_offsets"])
+    lr_linear_proj_mult: float = 0.1
+    # "default": official grouping -- lr_linear_proj_mult is NOT applied (official behaviour).
+    # "ddetr_in_mmdet": the deformable-attention offset/reference layers get lr * lr_linear_proj_mult.
+    param_dict_type: Literal["default", "ddetr_in_mmdet"] = "default"
     weight_decay: float = 1e-4
     epochs: int = 12
+    # Step schedule (stepped once per epoch, gamma 0.1): a single drop at `lr_drop`, or several
+    # drops at `lr_drop_list` (MultiStepLR) when that list is non-empty.
     lr_drop: int = 11
-    clip_max_norm: float = 0.1
-    batch_size: int = 2
+    lr_drop_list: list[int] = field(default_factory=list)
+    lr_gamma: float = 0.1
+    clip_max_norm: float = 0.1  # <= 0 disables clipping
+    batch_size: int = 2  # per process
+    # Micro-batches per optimizer step. None: accelerate's setting (environment variable
+    # ACCELERATE_GRADIENT_ACCUMULATION_STEPS, default 1; `accelerate launch
+    # --gradient_accumulation_steps` forwards it only for DeepSpeed), an integer overrides it.
+    gradient_accumulation_steps: int | None = None
+    use_ema: bool = False
+    ema_decay: float = 0.9997
+    # Abort training after this many consecutive steps with a non-finite loss (each is skipped).
+    max_nonfinite_steps: int = 5
+
+    def check(self) -> None:
+        if self.lr <= 0 or self.lr_backbone < 0:
+            raise ConfigError(f"optim.lr must be > 0 and optim.lr_backbone >= 0, got "
+                              f"{self.lr}, {self.lr_backbone}")
+        if self.epochs < 1:
+            raise ConfigError(f"optim.epochs must be >= 1, got {self.epochs}")
+        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
+            raise ConfigError("optim.gradient_accumulation_steps must be >= 1 (or none), got "
+                              f"{self.gradient_accumulation_steps}")
+        if self.batch_size < 1:
+            raise ConfigError(f"optim.batch_size must be >= 1, got {self.batch_size}")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.max_nonfinite_steps < 1:
+            raise ConfigError(f"optim.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+        if sorted(self.lr_drop_list) != list(self.lr_drop_list):
+            raise ConfigError(f"optim.lr_drop_list must be increasing, got {self.lr_drop_list}")
 
 
 @dataclass
 class EvalConfig:
+    # COCO summaries (AP, AP50, ..., AR) are all computed at this many detections per image.
     max_dets: int = 100
-    num_select: int = 300
+    num_select: int = 300  # top-k of the post-processor (query x class)
+    interval: int = 1  # evaluate every N epochs (and always after the last one)
+    backend: Literal["pycocotools", "faster"] = "pycocotools"
+    draw_score_threshold: float = 0.3  # detections drawn on the validation pictures
+    num_draw_images: int = 4
+
+    def check(self) -> None:
+        if self.max_dets < 1 or self.num_select < 1:
+            raise ConfigError(f"eval.max_dets and eval.num_select must be >= 1, got "
+                              f"{self.max_dets}, {self.num_select}")
+        if self.interval < 1:
+            raise ConfigError(f"eval.interval must be >= 1, got {self.interval}")
 
 
 @dataclass
 class RuntimeConfig:
     output_dir: str = "outputs/run"
-    seed: int = 42
+    seed: int = 42  # each process uses seed + rank (official)
+    log_interval: int = 10  # steps between console/tqdm postfix updates (the JSONL log has every step)
+    checkpoint_interval: int = 1  # epochs between extra `checkpoint_epochNNNN.pth` copies (0: none)
+    # Stop after this many optimizer steps in total (0: no limit). For smoke tests and the demo.
+    max_steps: int = 0
+    tensorboard: bool = True  # only when the tensorboard package is installed
+    # Use deterministic algorithms (exact resume checks; slower on GPU).
+    deterministic: bool = False
+    # DistributedDataParallel(find_unused_parameters=...): needed when some parameters get no
+    # gradient in a step (official default False).
+    find_unused_parameters: bool = False
+    # Evaluate/save with the EMA weights when optim.use_ema (the raw weights are saved too).
+    eval_ema: bool = True
+
+    def check(self) -> None:
+        if self.max_steps < 0 or self.log_interval < 1 or self.checkpoint_interval < 0:
+            raise ConfigError("runtime.max_steps must be >= 0, runtime.log_interval >= 1, "
+                              "runtime.checkpoint_interval >= 0")

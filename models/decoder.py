@@ -1,0 +1,93 @@
+"""Deformable decoder with look-forward-twice box refinement (dino_reference.md section 7).
+
+Each layer: self-attention -> deformable cross-attention into the encoder memory -> FFN (the
+official norm *names* are norm2, norm1, norm3 in that order). After each layer the shared box
+head refines the reference boxes from the un-normalised output; the next layer gets the refined
+box detached, while the undetached box is returned so the prediction of layer i+1 can
+back-propagate into layer i's box head.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.deformable_attention import MSDeformAttn
+from models.heads import MLP, refine_boxes
+from models.position_encoding import box_sine_embedding
+
+
+class DecoderLayer(nn.Module):
+    """Keys: `cross_attn.*`, `norm1`, `self_attn.{in_proj_*, out_proj.*}`, `norm2`, `linear1`,
+    `linear2`, `norm3`."""
+
+    def __init__(self, d_model: int, dim_feedforward: int, dropout: float, n_levels: int, n_heads: int,
+                 n_points: int) -> None:
+        super().__init__()
+        self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
+        self.dropout1 = nn.Dropout(dropout)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.dropout2 = nn.Dropout(dropout)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.dropout3 = nn.Dropout(dropout)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.dropout4 = nn.Dropout(dropout)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Tensor,
+                self_attn_mask: Tensor | None) -> Tensor:
+        """tgt, query_pos (B, T, d); reference_points (B, T, L, 4); memory (B, S, d) (no pos added)."""
+        q = k = tgt + query_pos
+        sa = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        tgt = self.norm2(tgt + self.dropout2(sa))
+        ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
+                             memory_padding_mask)
+        tgt = self.norm1(tgt + self.dropout1(ca))
+        ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
+        return self.norm3(tgt + self.dropout4(ffn))
+
+
+class Decoder(nn.Module):
+    """Keys: `layers.{i}.*`, `norm` (one LayerNorm shared by every layer's output), `ref_point_head`
+    (MLP(2d, d, d, 2)), and the aliases `bbox_embed.{i}` / `class_embed.{i}` of the model's heads
+    (set by `DINO`; the class heads are only stored here, for official checkpoint compatibility)."""
+
+    def __init__(self, layers: list[DecoderLayer], d_model: int) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        self.norm = nn.LayerNorm(d_model)
+        self.ref_point_head = MLP(2 * d_model, d_model, d_model, 2)
+        self.d_model = d_model
+        self.bbox_embed: nn.ModuleList | None = None
+        self.class_embed: nn.ModuleList | None = None
+
+    def forward(self, tgt: Tensor, anchors_unsig: Tensor, memory: Tensor, memory_padding_mask: Tensor,
+                spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
+                self_attn_mask: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+        """tgt (B, T, d) content queries; anchors_unsig (B, T, 4) unsigmoided cxcywh;
+        valid_ratios (B, L, 2) (w, h).
+
+        Returns hs: L_dec x (B, T, d) normalised outputs, and references: (L_dec + 1) x (B, T, 4)
+        cxcywh boxes (initial anchors, then each layer's undetached refined box).
+        """
+        if self.bbox_embed is None:
+            raise RuntimeError("Decoder.bbox_embed is not set; DINO assigns its box heads to the decoder")
+        output = tgt
+        reference = anchors_unsig.sigmoid()
+        references = [reference]
+        hs = []
+        ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+        for layer_id, layer in enumerate(self.layers):
+            reference_input = reference[:, :, None] * ratios.to(reference.dtype)  # (B, T, L, 4)
+            query_sine = box_sine_embedding(reference_input[:, :, 0, :], self.d_model // 2)
+            query_pos = self.ref_point_head(query_sine.to(output.dtype))
+            output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
+                           memory_padding_mask, self_attn_mask)
+            new_reference = refine_boxes(self.bbox_embed[layer_id], output, reference)
+            reference = new_reference.detach()
+            references.append(new_reference)
+            hs.append(self.norm(output))
+        return hs, references

@@ -1,0 +1,108 @@
+"""UGS distribution box heads for DINO (ugs_method.md sections 5, 10, 12).
+
+A distribution box head is DINO's MLP(d, d, 4, 3) with a last layer of 4(n+1) outputs: per box
+coordinate, n+1 bin logits over a grid (ugs.make_grid), decoded to the logit-space delta by the
+expectation. Its forward returns that delta, so it is a drop-in for DINO's box head everywhere a
+box head is called (decoder refinement, predictions, encoder proposals). The bin logits are
+recomputed for the output sets the criterion needs (`distribution_outputs`); the MLP is tiny next
+to the decoder, so this costs well under 1% of a training step.
+
+Parameter names stay the official ones (`layers.{0,1,2}.*`): an official checkpoint loads into
+every tensor except the last layer, whose shape differs; `zero_last_layer` makes that layer start
+at zero weight and bias, i.e. uniform bins whose expectation over a symmetric grid is 0, the same
+starting point as DINO's zero-initialised regression layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+import ugs
+from models.heads import MLP
+from util.box_ops import inverse_sigmoid
+
+
+class DistributionBoxHead(MLP):
+    """MLP(d, d, 4(n+1), 3) -> per-coordinate bin logits over `grid` (n+1,), decoded by expectation.
+
+    forward(hidden (..., d)) -> delta (..., 4), at least float32, to add to inverse_sigmoid(reference).
+    """
+
+    def __init__(self, hidden_dim: int, grid: Tensor, zero_last_layer: bool = True) -> None:
+        if grid.dim() != 1 or grid.numel() < 2:
+            raise ValueError(f"DistributionBoxHead: grid must be (n+1,) with n >= 1, got {tuple(grid.shape)}")
+        super().__init__(hidden_dim, hidden_dim, 4 * grid.numel(), 3)
+        # Not in the state dict: the grid is derived from the config (ugs.grid.*), like anchors.
+        self.register_buffer("grid", grid.detach().clone().float(), persistent=False)
+        if zero_last_layer:
+            nn.init.zeros_(self.layers[-1].weight)
+            nn.init.zeros_(self.layers[-1].bias)
+
+    @property
+    def num_bins(self) -> int:
+        return self.grid.numel()
+
+    def bin_logits(self, hidden: Tensor) -> Tensor:
+        """hidden (..., d) -> (..., 4, n+1) raw logits (cx, cy, w, h order)."""
+        out = super().forward(hidden)
+        return out.unflatten(-1, (4, self.num_bins))
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        return ugs.expectation(self.bin_logits(hidden), self.grid)
+
+
+def distribution_outputs(head: DistributionBoxHead, hidden: Tensor,
+                         reference_boxes: Tensor) -> dict[str, Tensor]:
+    """The per-query UGS fields of one output set (docs/conventions.md, Model).
+
+    hidden (B, T, d), reference_boxes (B, T, 4) cxcywh the box the head refined ->
+    pred_box_logits (B, T, 4, n+1) and ref_boxes_logit (B, T, 4) = inverse_sigmoid(reference),
+    detached (the two-hot target is y = inverse_sigmoid(target) - ref_boxes_logit).
+    """
+    return {"pred_box_logits": head.bin_logits(hidden),
+            "ref_boxes_logit": inverse_sigmoid(reference_boxes.detach().float())}
+
+
+def _distribution_copy(old: nn.Module, hidden_dim: int, grid: Tensor,
+                       zero_last_layer: bool) -> DistributionBoxHead:
+    head = DistributionBoxHead(hidden_dim, grid, zero_last_layer)
+    if isinstance(old, MLP) and len(old.layers) == 3:  # keep the (possibly trained) first two layers
+        for i in range(2):
+            head.layers[i].load_state_dict(old.layers[i].state_dict())
+    reference = next(old.parameters(), None)
+    return head if reference is None else head.to(reference.device)
+
+
+def use_distribution_box_heads(model: nn.Module, grid: Tensor, interm_grid: Tensor | None = None,
+                               zero_last_layer: bool = True) -> list[str]:
+    """Swap a DINO's box heads for distribution heads, in place; return the replaced module names.
+
+    The decoder heads are one module shared by all layers (aliased as `bbox_embed.{i}` and
+    `transformer.decoder.bbox_embed.{i}`); the sharing is kept. The encoder-proposal head
+    (`transformer.enc_out_bbox_embed`) gets `interm_grid` (default: `grid`).
+    """
+    hidden_dim = model.hidden_dim
+    shared = model.bbox_embed[0]
+    if not all(h is shared for h in model.bbox_embed):
+        raise ValueError("use_distribution_box_heads: expected one box head shared by all decoder layers")
+    new = _distribution_copy(shared, hidden_dim, grid, zero_last_layer)
+    model.bbox_embed = nn.ModuleList([new] * len(model.bbox_embed))
+    model.transformer.decoder.bbox_embed = model.bbox_embed
+    enc = model.transformer.enc_out_bbox_embed
+    model.transformer.enc_out_bbox_embed = _distribution_copy(
+        enc, hidden_dim, interm_grid if interm_grid is not None else grid, zero_last_layer)
+    return ["bbox_embed.*.layers.2 (shared with transformer.decoder.bbox_embed.*)",
+            "transformer.enc_out_bbox_embed.layers.2"]
+
+
+@torch.no_grad()
+def detection_uncertainty(box_logits: Tensor, boxes_cxcywh: Tensor, grid: Tensor, sizes_hw: Tensor
+                          ) -> tuple[Tensor, Tensor]:
+    """Per-detection uncertainty for post-processing and result files.
+
+    box_logits (..., 4, n+1), boxes_cxcywh (..., 4) the decoded boxes (normalised), sizes_hw
+    broadcastable to (..., 2) as (h, w) pixels -> (std_xyxy_px (..., 4), entropy (...) mean over
+    the 4 coordinates, nats). See ugs.box_std_pixels for the delta-method approximation.
+    """
+    std_logit, entropy = ugs.uncertainty(box_logits, grid)
+    return ugs.box_std_pixels(boxes_cxcywh, std_logit, sizes_hw), entropy.mean(-1)

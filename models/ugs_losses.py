@@ -1,0 +1,152 @@
+"""UGS losses for DINO's criterion (ugs_method.md sections 6-9).
+
+- `UGSBoxLoss`: a box-loss term for SetCriterion (see models/criterion.py, "Box-loss hook") that
+  returns `loss_box_ce` (two-hot CE) and `loss_um` (entropy) on the matched queries of every output
+  set, each the mean over the 4 coordinates, summed over pairs, divided by num_boxes (DINO's
+  normalisation; denoising sets get DINO's x num_dn_group normaliser).
+- `ugs_weight_dict`: where UGS is on for a set, `loss_box_ce` (ce_weight) replaces `loss_bbox`
+  (kept, weight 0, for logging) and `loss_um` gets um_weight; elsewhere DINO's L1 stays.
+- `UGSCriterion`: SetCriterion plus `loss_ur`, the UR second pass (section 8), which reuses the
+  first pass's matching and runs only when its weight is > 0 and the model attached `ur_context`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+import ugs
+from models.criterion import BoxLossTerm, MatchedPairs, SetCriterion
+from models.matcher import HungarianMatcher
+from util.box_ops import inverse_sigmoid
+
+_AUX = re.compile(r"^_\d+$")
+
+
+class UGSBoxLoss(nn.Module):
+    """Two-hot CE and entropy of the matched queries' bin distributions (unweighted, named).
+
+    grid (n+1,) for decoder and denoising sets; interm_grid for the encoder proposals (`_interm`).
+    Needs `pred_box_logits` (B, T, 4, n+1) and `ref_boxes_logit` (B, T, 4) in every output set.
+    """
+
+    names = ("loss_box_ce", "loss_um")
+
+    def __init__(self, grid: Tensor, interm_grid: Tensor | None = None) -> None:
+        super().__init__()
+        self.register_buffer("grid", grid.detach().clone(), persistent=False)
+        interm_grid = interm_grid if interm_grid is not None else grid
+        self.register_buffer("interm_grid", interm_grid.detach().clone(), persistent=False)
+
+    def forward(self, matched: MatchedPairs) -> dict[str, Tensor]:
+        grid = self.interm_grid if matched.suffix == "_interm" else self.grid
+        logits = matched.gather("pred_box_logits")  # (N, 4, n+1)
+        ref_logit = matched.gather("ref_boxes_logit")  # (N, 4), detached
+        y = inverse_sigmoid(matched.target_boxes_cxcywh.to(ref_logit.dtype)) - ref_logit  # (N, 4)
+        ce = ugs.ce_loss(logits, y, grid).mean(-1)  # (N,)
+        um = ugs.um_loss(logits).mean(-1)  # (N,)
+        return {"loss_box_ce": ce.sum() / matched.num_boxes, "loss_um": um.sum() / matched.num_boxes}
+
+
+def _set_on(suffix: str, aux_layers: bool, interm: bool, dn: bool) -> bool:
+    if suffix == "":
+        return True
+    if suffix == "_interm":
+        return interm
+    if suffix.startswith("_dn"):
+        return dn
+    return aux_layers if _AUX.match(suffix) else False
+
+
+def ugs_weight_dict(weight_dict: dict[str, float], box_loss: str, ce_weight: float, um_weight: float,
+                    ur_weight: float, aux_layers: bool = True, interm: bool = True,
+                    dn: bool = True) -> dict[str, float]:
+    """DINO's expanded weight_dict -> the UGS one (adds loss_box_ce*, loss_um*, loss_ur).
+
+    Each set keeps DINO's per-set multiplier (e.g. interm_loss_coef, or 0 with
+    no_interm_box_loss), read off as weight(loss_giou{suffix}) / weight(loss_giou).
+    box_loss "ce": CE replaces L1 where UGS is on; "l1": L1 on the decoded boxes stays, UM is added.
+    """
+    if box_loss not in ("ce", "l1"):
+        raise ValueError(f"ugs_weight_dict: box_loss must be 'ce' or 'l1', got {box_loss!r}")
+    for key in ("loss_bbox", "loss_giou"):
+        if key not in weight_dict:
+            raise KeyError(f"ugs_weight_dict: DINO weight_dict has no '{key}' (keys: {sorted(weight_dict)})")
+    suffixes = [k[len("loss_giou"):] for k in weight_dict if k.startswith("loss_giou")]
+    out = dict(weight_dict)
+    base_giou = weight_dict["loss_giou"]
+    for s in suffixes:
+        mult = weight_dict[f"loss_giou{s}"] / base_giou if base_giou else 1.0
+        on = _set_on(s, aux_layers, interm, dn)
+        out[f"loss_box_ce{s}"] = ce_weight * mult if on and box_loss == "ce" else 0.0
+        out[f"loss_um{s}"] = um_weight * mult if on else 0.0
+        if on and box_loss == "ce":
+            out[f"loss_bbox{s}"] = 0.0  # still computed and logged
+    if ur_weight > 0:  # no key when UR is off: the criterion does not compute it
+        out["loss_ur"] = ur_weight
+    return out
+
+
+class UGSCriterion(SetCriterion):
+    """SetCriterion with the UR term (`loss_ur`, unweighted; its weight is weight_dict["loss_ur"]).
+
+    UR (ugs_method.md section 8): g_l = d(sum of the decoder layers' loss_um)/d(memory level l),
+    delta_l = rho g_l / (||g_l|| + eps) per image and level (padding untouched), decoder again on
+    memory + delta (matching queries only), loss_ur = sum over decoder layers of the entropy of
+    the step-1-matched queries (mean over coordinates, / num_boxes). Skipped (not even computed)
+    when ur_weight is 0; 0 when the outputs carry no `ur_context` (evaluation).
+    """
+
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, weight_dict: dict[str, float],
+                 focal_alpha: float = 0.25, losses: Sequence[str] = ("labels", "boxes", "cardinality"),
+                 box_losses: Sequence[BoxLossTerm] | None = None, focal_gamma: float = 2.0,
+                 ur_weight: float = 0.0, ur_rho: float = 0.5, ur_levels: Sequence[int] | None = None,
+                 ur_eps: float = 1e-12) -> None:
+        super().__init__(num_classes, matcher, weight_dict, focal_alpha, losses, box_losses, focal_gamma)
+        if not any(isinstance(t, UGSBoxLoss) for t in self.box_losses):
+            raise ValueError("UGSCriterion needs a UGSBoxLoss among box_losses (it provides loss_um)")
+        self.ur_weight, self.ur_rho, self.ur_eps = float(ur_weight), float(ur_rho), float(ur_eps)
+        self.ur_levels = None if ur_levels is None else sorted(set(int(lv) for lv in ur_levels))
+        self.ur_passes = 0  # second decoder passes run so far (tests and benchmarks read it)
+
+    def forward(self, outputs: dict, targets: list[dict], indices: dict | None = None,
+                return_indices: bool = False):
+        losses, used = super().forward(outputs, targets, indices, return_indices=True)
+        if self.ur_weight > 0:
+            ctx = outputs.get("ur_context")
+            if ctx is None or not self.training:
+                losses["loss_ur"] = torch.zeros((), device=outputs["pred_logits"].device)
+            else:
+                losses["loss_ur"] = self.ur_loss(ctx, outputs, targets, losses, used)
+        return (losses, used) if return_indices else losses
+
+    def ur_loss(self, ctx, outputs: dict, targets: list[dict], losses: dict[str, Tensor],  # noqa: ANN001
+                used: dict) -> Tensor:
+        layer_suffixes = [f"_{i}" for i in range(len(outputs.get("aux_outputs") or []))] + [""]
+        um_total = sum(losses[f"loss_um{s}"] for s in layer_suffixes)
+        zero = ctx.memory.sum() * 0.0  # keeps the graph connected when nothing is matched
+        if not um_total.requires_grad:
+            return zero
+        (grad,) = torch.autograd.grad(um_total, ctx.memory, retain_graph=True, allow_unused=True)
+        if grad is None:
+            return zero
+        feats = ctx.memory.split(ctx.level_sizes, dim=1)
+        grads = list(grad.split(ctx.level_sizes, dim=1))
+        if self.ur_levels is not None:
+            if max(self.ur_levels) >= len(grads):
+                raise ValueError(f"ugs.ur.levels {self.ur_levels}: the model has {len(grads)} feature levels")
+            grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
+        masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
+        perturbed = torch.cat(ugs.ur_perturbation(feats, grads, self.ur_rho, masks, self.ur_eps), dim=1)
+        layer_logits = ctx.rerun(perturbed)  # L x (B, Q, 4, n+1)
+        self.ur_passes += 1
+        num_boxes = self.num_boxes(targets, perturbed.device)
+        total = zero
+        for s, logits in zip(layer_suffixes, layer_logits):
+            idx = used[s]
+            b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(idx)]).to(logits.device)
+            q = torch.cat([src for src, _ in idx]).to(logits.device)
+            total = total + ugs.um_loss(logits[b, q]).mean(-1).sum() / num_boxes
+        return total
