@@ -1,0 +1,208 @@
+"""UGS-DINO on the tiny config (CPU): heads, zero-init equivalence, criterion weights, UR pass."""
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+import ugs
+from configs import load_config
+from models.build import build_model
+from models.ugs_dino import UGSDINO
+from models.ugs_head import DistributionBoxHead
+from models.ugs_losses import UGSBoxLoss, ugs_weight_dict
+from util.box_ops import inverse_sigmoid
+
+TINY = ["model.num_queries=40", "model.dn_number=4", "eval.num_select=100"]
+
+
+def _batch():
+    images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+    masks = torch.zeros(2, 32, 48, dtype=torch.bool)
+    masks[1, :, 40:] = True
+    targets = [{"labels": torch.tensor([1, 2]),
+                "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.3]])},
+               {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.05, 0.06]])}]
+    return images, masks, targets
+
+
+def _build(overrides: list[str]):
+    torch.manual_seed(0)
+    cfg = load_config("dino_tiny", TINY + overrides)
+    model, criterion, post = build_model(cfg)  # calls models.ugs_build.build_ugs when ugs.enabled
+    assert isinstance(model, UGSDINO) == cfg.ugs.enabled
+    return cfg, model, criterion, post
+
+
+def _count_decoder_calls(model) -> list[int]:
+    calls = [0]
+    model.transformer.decoder.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _step(model, criterion):
+    images, masks, targets = _batch()
+    model.train()
+    criterion.train()
+    out = model(images, masks, targets)
+    losses = criterion(out, targets)
+    total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+    total.backward()
+    return out, losses, total
+
+
+@pytest.mark.slow
+def test_official_checkpoint_into_ugs_dino_gives_dinos_boxes_at_step_0():
+    """Spec section 10: an official-layout DINO state dict loads into UGS-DINO, the bin heads start
+    at zero (named in the import report), and the boxes equal DINO's with its regression layers at
+    zero (DINO's own starting point for them)."""
+    from util.checkpoint import import_weights
+
+    _, dino, _, _ = _build([])
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # a "trained" DINO: every tensor perturbed, last box layers non-zero
+        for p in dino.parameters():
+            p.add_(0.02 * torch.randn(p.shape, generator=gen))
+    _, model, _, _ = _build(["ugs.ablation=full"])  # a fresh UGS-DINO (other random init)
+    report = import_weights(model, dino.state_dict())
+    zeroed = sorted(k for k, why in report.reinitialised.items() if "UGS bin head" in why)
+    assert zeroed and all(".layers.2." in k for k in zeroed), report
+    assert any(k.startswith("transformer.enc_out_bbox_embed.") for k in zeroed)
+    assert not report.missing and not report.unexpected and not report.skipped_mismatch
+    assert model.bbox_embed[0].layers[-1].weight.abs().sum() == 0
+    assert isinstance(model.bbox_embed[0], DistributionBoxHead)
+    assert model.bbox_embed[0].layers[-1].out_features == 4 * 17
+    assert all(h is model.bbox_embed[0] for h in model.transformer.decoder.bbox_embed)
+    with torch.no_grad():
+        for head in (dino.bbox_embed[0], dino.transformer.enc_out_bbox_embed):
+            head.layers[-1].weight.zero_()
+            head.layers[-1].bias.zero_()
+    images, masks, _ = _batch()
+    dino.eval()
+    model.eval()
+    with torch.no_grad():
+        a, b = dino(images, masks), model(images, masks)
+    for key in ("pred_boxes", "pred_logits"):
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=0), key
+    assert torch.allclose(a["interm_outputs"]["pred_boxes"], b["interm_outputs"]["pred_boxes"],
+                          atol=1e-6, rtol=0)
+    for x, y in zip(a["aux_outputs"], b["aux_outputs"]):
+        assert torch.allclose(x["pred_boxes"], y["pred_boxes"], atol=1e-6, rtol=0)
+    # the same with a DINO converted in place (what build_ugs does)
+    converted = UGSDINO.from_dino(copy.deepcopy(dino), ugs.make_grid(4.0, 1.0, 16)).eval()
+    with torch.no_grad():
+        assert torch.allclose(converted(images, masks)["pred_boxes"], a["pred_boxes"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.slow
+def test_outputs_carry_bin_logits_and_reference():
+    cfg, model, _, _ = _build(["ugs.ablation=ce_in_um"])
+    images, masks, targets = _batch()
+    model.train()
+    out = model(images, masks, targets)
+    n1 = cfg.ugs.grid.intervals + 1
+    sets = [out, *out["aux_outputs"], out["interm_outputs"], out["dn_meta"]["output_known_lbs_bboxes"],
+            *out["dn_meta"]["output_known_lbs_bboxes"]["aux_outputs"]]
+    for s in sets:
+        q = s["pred_boxes"].shape[1]
+        assert s["pred_box_logits"].shape == (2, q, 4, n1) and s["ref_boxes_logit"].shape == (2, q, 4)
+        assert not s["ref_boxes_logit"].requires_grad
+    # the final boxes are sigmoid(expectation + reference logit)
+    grid = model.box_grid
+    decoded = torch.sigmoid(ugs.expectation(out["pred_box_logits"], grid) + out["ref_boxes_logit"])
+    assert torch.allclose(decoded, out["pred_boxes"], atol=2e-5)
+    assert "ur_context" not in out  # UR off: nothing collected
+
+
+@pytest.mark.slow
+def test_training_step_finite_and_ur_off_means_one_decoder_pass():
+    _, model, criterion, _ = _build(["ugs.ablation=ce_in_um"])
+    calls = _count_decoder_calls(model)
+    _, losses, total = _step(model, criterion)
+    assert calls[0] == 1 and criterion.ur_passes == 0 and "loss_ur" not in losses
+    assert math.isfinite(total.item())
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+    assert model.bbox_embed[0].layers[-1].weight.grad.abs().sum() > 0  # CE reaches the new layer
+    for s in ("", "_0", "_interm", "_dn", "_dn_0"):
+        assert f"loss_box_ce{s}" in losses and f"loss_um{s}" in losses
+
+
+@pytest.mark.slow
+def test_ur_runs_second_pass_with_reused_matching():
+    _, model, criterion, _ = _build(["ugs.ablation=full"])
+    calls = _count_decoder_calls(model)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():  # non-uniform bins, so the entropy has a gradient to follow
+        model.bbox_embed[0].layers[-1].weight.normal_(0, 0.5, generator=gen)
+    out, losses, total = _step(model, criterion)
+    assert calls[0] == 2 and criterion.ur_passes == 1
+    assert losses["loss_ur"].item() > 0 and math.isfinite(total.item())
+    assert criterion.weight_dict["loss_ur"] == 0.5
+    # loss_ur without perturbation equals the first pass's decoder-layer entropies
+    ctx = out["ur_context"]
+    with torch.no_grad():
+        again = ctx.rerun(ctx.memory)
+        assert torch.allclose(again[-1], out["pred_box_logits"], atol=1e-5)
+
+
+def test_weight_dicts_of_the_ablation_rows():
+    _, _, crit_l1, _ = _build(["ugs.ablation=l1"])
+    assert "loss_box_ce" not in crit_l1.weight_dict and crit_l1.weight_dict["loss_bbox"] == 5.0
+    _, _, crit, _ = _build(["ugs.ablation=full"])
+    w = crit.weight_dict
+    for s in ("", "_0", "_dn", "_dn_0", "_interm"):
+        assert (w[f"loss_bbox{s}"], w[f"loss_box_ce{s}"], w[f"loss_um{s}"]) == (0.0, 1.0, 0.5), s
+    assert w["loss_giou"] == 2.0 and w["loss_ur"] == 0.5
+    _, _, crit, _ = _build(["ugs.ablation=ce_in"])
+    assert crit.weight_dict["loss_um"] == 0.0 and "loss_ur" not in crit.weight_dict
+    # switches: interm keeps DINO's L1, the l1 variant keeps L1 everywhere and adds UM
+    base = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0,
+            "loss_ce_interm": 1.0, "loss_bbox_interm": 5.0, "loss_giou_interm": 2.0}
+    w = ugs_weight_dict(base, "ce", 1.0, 0.5, 0.0, interm=False)
+    assert (w["loss_bbox_interm"], w["loss_box_ce_interm"], w["loss_um_interm"]) == (5.0, 0.0, 0.0)
+    w = ugs_weight_dict(base, "l1", 1.0, 0.5, 0.0)
+    assert (w["loss_bbox"], w["loss_box_ce"], w["loss_um"]) == (5.0, 0.0, 0.5)
+
+
+def test_box_loss_term_against_hand_computation():
+    from models.criterion import MatchedPairs
+
+    grid = ugs.make_grid(4.0, 1.0, 8)
+    ref = torch.tensor([[0.4, 0.5, 0.1, 0.2]])
+    target = torch.tensor([[0.45, 0.5, 0.12, 0.2]])
+    y = inverse_sigmoid(target) - inverse_sigmoid(ref)
+    logits = torch.randn(1, 1, 4, 9, generator=torch.Generator().manual_seed(3))
+    outputs = {"pred_box_logits": logits, "ref_boxes_logit": inverse_sigmoid(ref)[None]}
+    idx = [(torch.tensor([0]), torch.tensor([0]))]
+    matched = MatchedPairs(outputs, idx, torch.tensor([0]), torch.tensor([0]), target, target, num_boxes=2.0)
+    out = UGSBoxLoss(grid)(matched)
+    assert torch.allclose(out["loss_box_ce"], ugs.ce_loss(logits[0, 0], y[0], grid).mean() / 2, atol=1e-6)
+    assert torch.allclose(out["loss_um"], ugs.um_loss(logits[0, 0]).mean() / 2, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_postprocess_returns_uncertainty():
+    _, model, _, post = _build(["ugs.ablation=ce_in"])
+    images, masks, _ = _batch()
+    model.eval()
+    with torch.no_grad():
+        out = model(images, masks)
+        dets = post(out, torch.tensor([[480, 600], [480, 420]]))
+    d = dets[1]
+    k = d["scores"].shape[0]
+    assert d["std_xyxy_px"].shape == (k, 4) and d["entropy"].shape == (k,)
+    assert "pred_box_logits" not in d and "pred_boxes" not in d
+    q = d["query_index"]
+    std, ent = ugs.uncertainty(out["pred_box_logits"][1, q], model.box_grid)
+    assert torch.allclose(d["entropy"], ent.mean(-1), atol=1e-6)
+    want = ugs.box_std_pixels(out["pred_boxes"][1, q], std, torch.tensor([480.0, 420.0]))
+    assert torch.allclose(d["std_xyxy_px"], want, atol=1e-4)
+    assert (d["entropy"] <= math.log(17) + 1e-5).all()
+
+
+def test_ur_levels_out_of_range_is_an_error():
+    with pytest.raises(ValueError, match="num_feature_levels"):
+        _build(["ugs.ablation=full", "ugs.ur.levels=[7]"])
