@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ops.validate import compute_dtype
+
 
 def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
                              level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
@@ -12,11 +14,14 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
     sampling_locations (N, Lq, M, L, P, 2) as (x, y) in [0, 1], pixel centres at (i + 0.5) / W;
     attention_weights (N, Lq, M, L, P). Returns (N, Lq, M * D) in value's dtype.
 
-    Bilinear sampling with zeros outside the map (grid_sample, align_corners=False).
+    Bilinear sampling with zeros outside the map (grid_sample, align_corners=False). Accumulates in
+    float64 for float64 value and in float32 otherwise (the policy in ops/validate.py).
     """
     n, _, m, d = value.shape
     _, lq, _, num_levels, num_points, _ = sampling_locations.shape
-    dtype = value.dtype
+    out_dtype = value.dtype
+    dtype = compute_dtype(value.dtype)
+    value = value.to(dtype)
     sampling_locations = sampling_locations.to(dtype)
     attention_weights = attention_weights.to(dtype)
     shapes = [(int(h), int(w)) for h, w in spatial_shapes.tolist()]
@@ -35,4 +40,4 @@ def ms_deform_attn_reference(value: torch.Tensor, spatial_shapes: torch.Tensor,
     weights = attention_weights.transpose(1, 2).reshape(n * m, 1, lq, num_levels * num_points)
     stacked = torch.stack(sampled, dim=-2).flatten(-2)  # (N*M, D, Lq, L*P)
     out = (stacked * weights).sum(-1).view(n, m * d, lq)
-    return out.transpose(1, 2).contiguous()
+    return out.transpose(1, 2).contiguous().to(out_dtype)

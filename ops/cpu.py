@@ -1,0 +1,175 @@
+"""CPU multi-scale deformable attention: one fused gather-and-weighted-sum over all levels.
+
+The plain path (ops/reference.py) loops over levels, copies every value map into grid_sample's
+(N*M, D, H, W) layout, materialises all sampled vectors and then reduces them. Here each of the 4
+bilinear corners of each sampling point becomes one row index into value's own (N*S*M, D) layout
+(no copy) with weight attention * bilinear * in-bounds, and a single `F.embedding_bag(mode="sum")`
+forms the weighted sum of those rows per (n, query, head) without materialising them. Every
+quantity is computed with tensor ops (no host reads of spatial_shapes), so there is no host
+synchronisation and no per-level Python loop. The backward is explicit (it runs inside the backward
+custom op, below autograd): see ms_deform_attn_cpu_backward.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from ops.validate import compute_dtype
+
+
+class _Geometry(NamedTuple):
+    """The 4 bilinear corners of every sampling point, for B = N*Lq*M bags of K = 4*L*P corners.
+
+    rows, weights (B, K): row of value.view(N*S*M, D) and weight attention * bilinear * in-bounds of
+    corner (y0 + i, x0 + j, level, point), ordered (i, j, L, P) within a bag; rows of corners outside
+    the map are clamped onto it (their weight is 0).
+    The per-point quantities are kept "points-major", shaped (L, P, B) with the long B dimension
+    innermost, so every elementwise op runs over long contiguous rows (a layout with the 2-long
+    corner/axis dims inside runs TensorIterator over 2- or 20-element inner loops, several times
+    slower): wx, wy: (weight of column x0, of x0 + 1) and (row y0, y0 + 1), zero outside the map;
+    vx, vy: the matching 0/1 in-map masks; attn: attention weights; widths, heights (L, 1, 1).
+    """
+
+    rows: torch.Tensor
+    weights: torch.Tensor
+    wx: tuple[torch.Tensor, torch.Tensor]
+    wy: tuple[torch.Tensor, torch.Tensor]
+    vx: tuple[torch.Tensor, torch.Tensor]
+    vy: tuple[torch.Tensor, torch.Tensor]
+    attn: torch.Tensor
+    widths: torch.Tensor
+    heights: torch.Tensor
+
+
+def _geometry(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+              sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> _Geometry:
+    """Pixel (i, j) of level l (row i, column j) has its centre at ((j + 0.5) / W_l, (i + 0.5) / H_l)
+    in normalised (x, y), so x_pix = x * W_l - 0.5 (the align_corners=False convention)."""
+    n, s, m, _ = value.shape
+    lq, _, num_levels, num_points, _ = sampling_locations.shape[1:]
+    bags = n * lq * m
+    dtype = sampling_locations.dtype
+    device = value.device
+    index_dtype = torch.int32 if n * s * m < 2**31 else torch.int64  # int32 index math is cheaper
+
+    # points-major (axis (x, y), L, P, B); sizes (W, H) per level broadcast over (P, B)
+    loc = sampling_locations.permute(5, 3, 4, 0, 1, 2).reshape(2, num_levels, num_points, bags)
+    attn = attention_weights.reshape(bags, num_levels, num_points).permute(1, 2, 0)  # (L, P, B) view
+    sizes = spatial_shapes.t().flip(0).to(index_dtype).reshape(2, num_levels, 1, 1)
+    float_sizes = sizes.to(dtype)
+    pixel = torch.addcmul(torch.tensor(-0.5, dtype=dtype, device=device), loc, float_sizes)
+    # far-away points: keep the integer conversion in range (both corners stay outside, weight 0)
+    pixel = pixel.clamp_(-2.0, 2.0**30)
+    low = torch.floor(pixel)
+    frac = pixel.sub_(low)  # weight of the upper neighbour
+    low_i = low.to(index_dtype)
+    last = sizes - 1
+    zero = torch.zeros_like(sizes)
+    inside0 = ((low_i >= 0) & (low_i <= last)).to(dtype)
+    inside1 = ((low_i >= -1) & (low_i < last)).to(dtype)
+    w0 = (1 - frac).mul_(inside0)
+    w1 = frac.mul_(inside1)
+    c0 = torch.clamp(low_i, zero, last)
+    c1 = torch.clamp(low_i + 1, zero, last)
+
+    # row of value.view(N*S*M, D) = (n * S + start_l + y * W_l + x) * M + head
+    nh = (torch.arange(n, device=device, dtype=index_dtype).view(n, 1, 1) * (s * m)
+          + torch.arange(m, device=device, dtype=index_dtype).view(1, 1, m)).expand(n, lq, m).reshape(bags)
+    base = level_start_index.to(index_dtype).view(num_levels, 1, 1) * m + nh  # (L, 1, B)
+    row_stride = sizes[0] * m  # W_l * M per level, (L, 1, 1)
+    row_y = (torch.addcmul(base, c0[1], row_stride), torch.addcmul(base, c1[1], row_stride))
+    col_x = (c0[0] * m, c1[0] * m)
+    wx, wy = (w0[0], w1[0]), (w0[1], w1[1])
+    attn_wy = (wy[0] * attn, wy[1] * attn)
+
+    # corner-level tensors, written straight into the bag-major layout (B, i, j, L, P)
+    rows = torch.empty(bags, 2, 2, num_levels, num_points, dtype=index_dtype, device=device)
+    weights = torch.empty(bags, 2, 2, num_levels, num_points, dtype=dtype, device=device)
+    rows_t = rows.permute(1, 2, 3, 4, 0)
+    weights_t = weights.permute(1, 2, 3, 4, 0)
+    for i in range(2):
+        for j in range(2):
+            torch.add(row_y[i], col_x[j], out=rows_t[i, j])
+            torch.mul(attn_wy[i], wx[j], out=weights_t[i, j])
+    return _Geometry(rows.view(bags, -1), weights.view(bags, -1), wx, wy,
+                     (inside0[0], inside1[0]), (inside0[1], inside1[1]), attn,
+                     float_sizes[0], float_sizes[1])
+
+
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+    dtype = compute_dtype(value.dtype)
+    value_c = value.to(dtype).contiguous()
+    geo = _geometry(value_c, spatial_shapes, level_start_index, sampling_locations.to(dtype),
+                    attention_weights.to(dtype))
+    return value_c, geo
+
+
+def ms_deform_attn_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
+                       sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> torch.Tensor:
+    """Same contract as ops.ms_deform_attn_reference (shapes there).
+
+    Computes in float64 for float64 value and in float32 otherwise; returns value's dtype. Only tensor
+    ops, so it runs on any device, but it is tuned and tested for CPU. Not differentiable by autograd
+    (in-place ops on intermediates); the gradients are ms_deform_attn_cpu_backward.
+    """
+    n, _, m, d = value.shape
+    lq = sampling_locations.shape[1]
+    value_c, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    out = F.embedding_bag(geo.rows, value_c.view(-1, d), mode="sum", per_sample_weights=geo.weights)
+    return out.view(n, lq, m * d).to(value.dtype)
+
+
+def ms_deform_attn_cpu_backward(value: torch.Tensor, spatial_shapes: torch.Tensor,
+                                level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
+                                attention_weights: torch.Tensor, grad_output: torch.Tensor,
+                                chunk_elements: int = 1 << 20
+                                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (value, sampling_locations, attention_weights), contiguous, each in its input's dtype.
+
+    Corner (i, j) of a point has weight w_ij = a * wy_i * wx_j in out[bag] (a: attention weight):
+      d value[r] = sum over corners with row r of w_ij * grad_out[bag]   (a transposed embedding_bag:
+                   corners sorted by row, each value row a bag of grad_out rows);
+      g_ij       = <grad_out[bag], value[row_ij]>                         (gathered in chunks);
+      d a        = sum_ij g_ij wy_i wx_j;
+      d x        = a W_l sum_i wy_i (g_i1 vx_1 - g_i0 vx_0)  (d wx_0 / d x_pix = -vx_0, d wx_1 = +vx_1),
+      d y        = a H_l sum_j wx_j (g_1j vy_1 - g_0j vy_0).
+    """
+    n, s, m, d = value.shape
+    lq, _, num_levels, num_points, _ = sampling_locations.shape[1:]
+    value_c, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    bags, per_bag = geo.rows.shape
+    grad_rows = grad_output.to(value_c.dtype).reshape(bags, d)
+
+    # value: sort the corner rows, then one embedding_bag per value row over grad_out rows
+    rows_sorted, order = torch.sort(geo.rows.reshape(-1), stable=True)
+    counts = torch.bincount(rows_sorted, minlength=n * s * m)
+    offsets = torch.cumsum(counts, 0) - counts
+    sorted_weights = geo.weights.reshape(-1).index_select(0, order)  # index_select: faster than [order]
+    grad_value = F.embedding_bag(torch.div(order, per_bag, rounding_mode="floor"), grad_rows, offsets,
+                                 mode="sum", per_sample_weights=sorted_weights)
+
+    # per-corner dot products g_ij, gathered in chunks of bags to bound memory
+    table = value_c.view(-1, d)
+    g = torch.empty(bags, per_bag, dtype=value_c.dtype, device=value_c.device)
+    step = max(1, chunk_elements // (per_bag * d))
+    for lo in range(0, bags, step):
+        hi = min(bags, lo + step)
+        gathered = table.index_select(0, geo.rows[lo:hi].reshape(-1)).view(hi - lo, per_bag, d)
+        g[lo:hi] = (gathered * grad_rows[lo:hi].unsqueeze(1)).sum(-1)
+    # points-major like the geometry: g_t[i, j] is (L, P, B)
+    g_t = g.t().contiguous().view(2, 2, num_levels, num_points, bags)
+
+    wx, wy, vx, vy = geo.wx, geo.wy, geo.vx, geo.vy
+    g_y = [g_t[i, 0] * wx[0] + g_t[i, 1] * wx[1] for i in range(2)]  # per corner row, over columns
+    g_x = [g_t[0, j] * wy[0] + g_t[1, j] * wy[1] for j in range(2)]  # per corner column, over rows
+    grad_attn = g_y[0] * wy[0] + g_y[1] * wy[1]  # (L, P, B)
+    grad_loc = torch.stack(((g_x[1] * vx[1] - g_x[0] * vx[0]) * geo.widths,
+                            (g_y[1] * vy[1] - g_y[0] * vy[0]) * geo.heights)) * geo.attn  # (2, L, P, B)
+
+    grad_loc = grad_loc.permute(3, 1, 2, 0).reshape(n, lq, m, num_levels, num_points, 2)
+    grad_attn = grad_attn.permute(2, 0, 1).reshape(n, lq, m, num_levels, num_points)
+    return (grad_value.view(n, s, m, d).to(value.dtype).contiguous(),
+            grad_loc.to(sampling_locations.dtype).contiguous(),
+            grad_attn.to(attention_weights.dtype).contiguous())
