@@ -14,6 +14,9 @@ def config() -> Config:
     cfg.data.dataset = "visdrone"
     cfg.data.label_mapping = "contiguous"
     cfg.data.train_policy = "small_object"  # larger scales and object-keeping crops (configs/data.py)
+    # evaluate at the top of the small_object training scales (640..1024, longer side <= 1600)
+    cfg.data.eval_size = 1024
+    cfg.data.eval_max_size = 1600
     # Dense scenes: keep up to 1500 detections per image (COCO's cap of 100 truncates recall).
     cfg.eval.max_dets = 1500
     cfg.eval.num_select = 1500

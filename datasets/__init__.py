@@ -8,18 +8,41 @@ batch with via `accelerator.gather_for_metrics` (util/engine.py), not here.
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING
-
-import torch
-
-from datasets.coco import CocoDetection, DatasetError
-from datasets.collate import collate_detection, make_collate
-from datasets.synthetic import generate_synthetic
-from datasets.transforms import DropStats, build_transforms
-from datasets.visdrone import CATEGORIES as VISDRONE_CATEGORIES
+import importlib
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import torch
+
     from configs.data import DataConfig
+    from datasets.coco import CocoDetection
+
+# Submodules load on first use (module-level __getattr__ below), so `import datasets.coco_eval`
+# (tools/evaluate.py) does not pay for torch / torchvision transforms. name -> (module, attribute)
+_LAZY = {
+    "CocoDetection": ("datasets.coco", "CocoDetection"),
+    "DatasetError": ("datasets.coco", "DatasetError"),
+    "collate_detection": ("datasets.collate", "collate_detection"),
+    "make_collate": ("datasets.collate", "make_collate"),
+    "generate_synthetic": ("datasets.synthetic", "generate_synthetic"),
+    "DropStats": ("datasets.transforms", "DropStats"),
+    "build_transforms": ("datasets.transforms", "build_transforms"),
+    "VISDRONE_CATEGORIES": ("datasets.visdrone", "CATEGORIES"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    raise AttributeError(f"module 'datasets' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 SPLITS = ("train", "val")
 _SYNTHETIC_VAL_SEED_OFFSET = 1_000_003      # val scenes never repeat train scenes
@@ -27,6 +50,8 @@ _SYNTHETIC_VAL_SEED_OFFSET = 1_000_003      # val scenes never repeat train scen
 
 def transforms_from_config(data: DataConfig, train: bool):  # noqa: ANN201 - v2.Compose
     """The augmentation pipeline named by `data.train_policy` / `data.eval_policy`."""
+    from datasets.transforms import build_transforms
+
     return build_transforms(
         data.train_policy if train else data.eval_policy, train,
         scales=data.train_scales, max_size=data.train_max_size, crop_resize_scales=data.crop_resize_scales,
@@ -40,12 +65,17 @@ def transforms_from_config(data: DataConfig, train: bool):  # noqa: ANN201 - v2.
 @functools.lru_cache(maxsize=4)
 def _synthetic_split(num_images: int, image_size: tuple[int, int], min_objects: int, max_objects: int,
                      seed: int) -> tuple[dict, dict]:
+    from datasets.synthetic import generate_synthetic
+
     coco, images, _ = generate_synthetic(num_images, image_size, min_objects, max_objects, seed)
     return coco, images
 
 
 def build_dataset(data: DataConfig, split: str) -> CocoDetection:
     """The `split` ("train" or "val") dataset described by the data config section."""
+    from datasets.coco import CocoDetection, DatasetError
+    from datasets.visdrone import CATEGORIES as VISDRONE_CATEGORIES
+
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     train = split == "train"
@@ -79,6 +109,8 @@ def build_sampler(dataset: torch.utils.data.Dataset, train: bool, seed: int = 0
 
     accelerate wraps these for distributed runs; re-seed the generator per epoch for exact resume.
     """
+    import torch
+
     if train:
         generator = torch.Generator()
         generator.manual_seed(seed)
@@ -89,6 +121,10 @@ def build_sampler(dataset: torch.utils.data.Dataset, train: bool, seed: int = 0
 def build_dataloader(data: DataConfig, dataset: torch.utils.data.Dataset, batch_size: int, train: bool,
                      seed: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader with the detection collate and the config's worker / pinning settings."""
+    import torch
+
+    from datasets.collate import make_collate
+
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=build_sampler(dataset, train, seed),
         drop_last=train and len(dataset) >= batch_size, collate_fn=make_collate(data.pad_size_divisor),
@@ -96,6 +132,6 @@ def build_dataloader(data: DataConfig, dataset: torch.utils.data.Dataset, batch_
         persistent_workers=data.num_workers > 0)
 
 
-__all__ = ["CocoDetection", "DatasetError", "DropStats", "build_dataset", "build_dataloader", "build_sampler",
-           "build_transforms", "collate_detection", "generate_synthetic", "make_collate",
-           "transforms_from_config"]
+__all__ = ["CocoDetection", "DatasetError", "DropStats", "VISDRONE_CATEGORIES", "build_dataloader",
+           "build_dataset", "build_sampler", "build_transforms", "collate_detection", "generate_synthetic",
+           "make_collate", "transforms_from_config"]

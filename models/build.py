@@ -1,6 +1,8 @@
 """`build_model(cfg) -> (model, criterion, postprocessor)`: the only code that reads `cfg.model`."""
 from __future__ import annotations
 
+from typing import Any
+
 from models.backbone import build_backbone
 from models.criterion import SetCriterion, expand_weight_dict
 from models.decoder import Decoder, DecoderLayer
@@ -11,8 +13,12 @@ from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
 
 
-def build_dino(m) -> DINO:  # noqa: ANN001 - configs.model.ModelConfig
-    """The network alone (no criterion), from a ModelConfig."""
+def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO:  # noqa: ANN001 - ModelConfig
+    """The network alone (no criterion), from a ModelConfig.
+
+    `model_cls` builds a DINO variant with the same modules, `variant_kwargs` being its extra
+    constructor arguments (UGS-DINO: models/ugs_build.py passes UGSDINO and its grids).
+    """
     backbone = build_backbone(m.backbone, m.return_interm_indices, m.hidden_dim, m.pe_temperature_h,
                               m.pe_temperature_w, m.backbone_weights)
     input_proj = InputProjection(backbone.num_channels, m.hidden_dim, m.num_feature_levels)
@@ -20,10 +26,11 @@ def build_dino(m) -> DINO:  # noqa: ANN001 - configs.model.ModelConfig
     encoder = Encoder([EncoderLayer(*layer_args, m.enc_n_points) for _ in range(m.enc_layers)],
                       use_checkpoint=m.use_checkpoint)
     decoder = Decoder([DecoderLayer(*layer_args, m.dec_n_points) for _ in range(m.dec_layers)], m.hidden_dim)
-    return DINO(backbone, input_proj, encoder, decoder, hidden_dim=m.hidden_dim, num_classes=m.num_classes,
-                num_queries=m.num_queries, num_feature_levels=m.num_feature_levels, dn_number=m.dn_number,
-                dn_label_noise_ratio=m.dn_label_noise_ratio, dn_box_noise_scale=m.dn_box_noise_scale,
-                dn_labelbook_size=m.dn_labelbook_size)
+    return model_cls(backbone, input_proj, encoder, decoder, hidden_dim=m.hidden_dim,
+                     num_classes=m.num_classes, num_queries=m.num_queries,
+                     num_feature_levels=m.num_feature_levels, dn_number=m.dn_number,
+                     dn_label_noise_ratio=m.dn_label_noise_ratio, dn_box_noise_scale=m.dn_box_noise_scale,
+                     dn_labelbook_size=m.dn_labelbook_size, **variant_kwargs)
 
 
 def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCriterion, PostProcess)
@@ -31,7 +38,6 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
     with `cfg.ugs.enabled`, their UGS versions (models/ugs_build.py)."""
     m = cfg.model
     m.check()
-    model = build_dino(m)
     matcher = HungarianMatcher(cost_class=m.set_cost_class, cost_bbox=m.set_cost_bbox,
                                cost_giou=m.set_cost_giou, focal_alpha=m.focal_alpha)
     weight_dict = expand_weight_dict({"loss_ce": m.cls_loss_coef, "loss_bbox": m.bbox_loss_coef,
@@ -41,8 +47,8 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
     criterion = SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=m.focal_alpha)
     postprocessor = PostProcess(num_select=cfg.eval.num_select)
     if cfg.ugs.enabled:
-        # imported lazily: the UGS wrapper swaps the box heads for per-coordinate bin heads
+        # imported lazily (it imports the ugs package): UGS-DINO and its criterion/post-processor
         from models.ugs_build import build_ugs
 
-        return build_ugs(cfg, model, criterion, postprocessor)
-    return model, criterion, postprocessor
+        return build_ugs(cfg, criterion, postprocessor)
+    return build_dino(m), criterion, postprocessor

@@ -8,6 +8,8 @@ back-propagate into layer i's box head.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields, replace
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -15,6 +17,41 @@ from torch import Tensor, nn
 from models.deformable_attention import MSDeformAttn
 from models.heads import MLP, refine_boxes
 from models.position_encoding import box_sine_embedding
+
+
+@dataclass
+class DecoderInputs:
+    """Everything `Decoder.forward` reads in one model forward (same names as its arguments).
+
+    `DINO.forward` builds it, calls the decoder with it and exposes it as
+    `intermediates["decoder_inputs"]`, so a second decoder pass (UGS's uncertainty-guided
+    refinement) repeats the first one exactly, e.g. on perturbed memory, without hooks.
+
+    tgt (B, T, d): content queries, the P denoising queries first, then the Q learned ones;
+    anchors_unsig (B, T, 4): initial reference boxes, unsigmoided cxcywh, detached;
+    memory (B, S, d): encoder output (with its autograd graph), S = sum over levels of h_l * w_l;
+    memory_padding_mask (B, S) bool, True on padding; spatial_shapes (L, 2) int64 as (h, w);
+    level_start_index (L,) int64; valid_ratios (B, L, 2) as (w, h);
+    self_attn_mask (T, T) bool (True = blocked) keeping the denoising groups apart, or None.
+    """
+
+    tgt: Tensor
+    anchors_unsig: Tensor
+    memory: Tensor
+    memory_padding_mask: Tensor
+    spatial_shapes: Tensor
+    level_start_index: Tensor
+    valid_ratios: Tensor
+    self_attn_mask: Tensor | None
+
+    def kwargs(self) -> dict:
+        """Keyword arguments of `Decoder.forward` (a shallow dict: tensors are not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def without_denoising(self, num_denoising: int) -> "DecoderInputs":
+        """The matching queries only: drops the first `num_denoising` (P) queries and the mask."""
+        return replace(self, tgt=self.tgt[:, num_denoising:],
+                       anchors_unsig=self.anchors_unsig[:, num_denoising:], self_attn_mask=None)
 
 
 class DecoderLayer(nn.Module):

@@ -9,12 +9,13 @@ and aliased as `bbox_embed.{i}` / `class_embed.{i}` and `transformer.decoder.bbo
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
 
 from models.backbone import Backbone
-from models.decoder import Decoder
+from models.decoder import Decoder, DecoderInputs
 from models.deformable_attention import MSDeformAttn
 from models.denoising import DenoisingQueries, prepare_denoising
 from models.encoder import Encoder, flatten_levels
@@ -62,12 +63,18 @@ class DINO(nn.Module):
     are given; `dn_override` = {input_query_label (B, P, d), input_query_bbox (B, P, 4)
     unsigmoided, attn_mask (P+Q, P+Q) bool, dn_meta {pad_size, num_dn_group}} injects exact
     queries instead (tests against the official fixtures).
+
+    `box_head_factory(hidden_dim)` makes the box head (default: DINO's MLP(d, d, 4, 3) with a
+    zero last layer); a variant passes its own (UGS-DINO: per-coordinate bin heads). It is called
+    where the official code builds the head, so every other parameter gets the same random
+    initialisation from the same seed whichever head is used.
     """
 
     def __init__(self, backbone: Backbone, input_proj: InputProjection, encoder: Encoder, decoder: Decoder,
                  hidden_dim: int, num_classes: int, num_queries: int, num_feature_levels: int,
                  dn_number: int, dn_label_noise_ratio: float, dn_box_noise_scale: float,
-                 dn_labelbook_size: int) -> None:
+                 dn_labelbook_size: int,
+                 box_head_factory: Callable[[int], nn.Module] = build_box_head) -> None:
         super().__init__()
         if dn_labelbook_size < num_classes:
             raise ValueError(f"dn_labelbook_size ({dn_labelbook_size}) must be >= "
@@ -84,7 +91,7 @@ class DINO(nn.Module):
         self.backbone = backbone
         # One class head and one box head shared by all decoder layers, under 2 x L names.
         class_head = build_class_head(hidden_dim, num_classes)
-        box_head = build_box_head(hidden_dim)
+        box_head = box_head_factory(hidden_dim)
         self.bbox_embed = nn.ModuleList([box_head] * num_dec_layers)
         self.class_embed = nn.ModuleList([class_head] * num_dec_layers)
         decoder.bbox_embed = self.bbox_embed
@@ -95,7 +102,9 @@ class DINO(nn.Module):
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None,
                 dn_override: dict | None = None, intermediates: dict | None = None) -> DINOOutput:
-        """`intermediates`, if a dict, receives stage outputs for debugging and conformance checks."""
+        """`intermediates`, if a dict, receives stage outputs for debugging and conformance checks,
+        and `decoder_inputs` (models/decoder.py DecoderInputs), the decoder's exact arguments, for
+        a second decoder pass (UGS's UR)."""
         features, level_masks, pos = self.backbone(images, masks)
         srcs, level_masks, pos = self.input_proj(features, level_masks, pos, masks, self.backbone[1])
         tokens = flatten_levels(srcs, level_masks, pos, self.transformer.level_embed)
@@ -107,14 +116,11 @@ class DINO(nn.Module):
                                   self.transformer.enc_out_class_embed, self.transformer.enc_out_bbox_embed,
                                   self.num_queries)
         dn = self.denoising_queries(targets, dn_override)
-        content = self.transformer.tgt_embed.weight[None].expand(images.shape[0], -1, -1)
-        anchors_unsig = selected.anchors_unsig
-        if dn is not None:
-            content = torch.cat([dn.label_queries, content], 1)
-            anchors_unsig = torch.cat([dn.box_queries_unsig.to(anchors_unsig.dtype), anchors_unsig], 1)
-        hs, references = self.transformer.decoder(content, anchors_unsig, memory, tokens.padding_mask,
-                                                  tokens.spatial_shapes, tokens.level_start_index,
-                                                  tokens.valid_ratios, None if dn is None else dn.attn_mask)
+        content, anchors_unsig = self.decoder_queries(selected, dn, images.shape[0])
+        decoder_inputs = DecoderInputs(content, anchors_unsig, memory, tokens.padding_mask,
+                                       tokens.spatial_shapes, tokens.level_start_index, tokens.valid_ratios,
+                                       None if dn is None else dn.attn_mask)
+        hs, references = self.transformer.decoder(**decoder_inputs.kwargs())
         if intermediates is not None:
             # same layout as the official fixture's `intermediates` (hs_enc/ref_enc carry a leading 1)
             intermediates.update({
@@ -122,8 +128,20 @@ class DINO(nn.Module):
                 "srcs": srcs, "memory": memory,
                 "transformer": {"hs": hs, "references": references, "hs_enc": selected.interm_hidden[None],
                                 "ref_enc": selected.interm_boxes[None],
-                                "init_box_proposal": selected.init_box_proposal}})
+                                "init_box_proposal": selected.init_box_proposal},
+                "decoder_inputs": decoder_inputs})
         return self.predict(hs, references, selected, dn)
+
+    def decoder_queries(self, selected: SelectedQueries, dn: DenoisingQueries | None,
+                        batch_size: int) -> tuple[Tensor, Tensor]:
+        """(content (B, P+Q, d), anchors_unsig (B, P+Q, 4)): the denoising queries (P of them,
+        none without dn) first, then the learned content queries on the selected anchors."""
+        content = self.transformer.tgt_embed.weight[None].expand(batch_size, -1, -1)
+        anchors_unsig = selected.anchors_unsig
+        if dn is None:
+            return content, anchors_unsig
+        return (torch.cat([dn.label_queries, content], 1),
+                torch.cat([dn.box_queries_unsig.to(anchors_unsig.dtype), anchors_unsig], 1))
 
     def denoising_queries(self, targets: list[dict] | None,
                           dn_override: dict | None) -> DenoisingQueries | None:
@@ -145,22 +163,31 @@ class DINO(nn.Module):
         """Heads on every decoder layer, then split the denoising part off (dn queries come first)."""
         # keeps label_enc in the graph when no dn query is used (DDP needs every parameter used)
         hs = [hs[0] + self.label_enc.weight[0, 0] * 0.0] + list(hs[1:])
-        boxes = [refine_boxes(self.bbox_embed[i], h, references[i]) for i, h in enumerate(hs)]
-        logits = [self.class_embed[i](h) for i, h in enumerate(hs)]
+        layers = [{"pred_logits": self.class_embed[i](h), **self.box_outputs(i, h, references[i])}
+                  for i, h in enumerate(hs)]
         pad = 0 if dn is None else dn.pad_size
-        layers = [{"pred_logits": lg[:, pad:], "pred_boxes": bx[:, pad:]} for lg, bx in zip(logits, boxes)]
+        matching = [{k: v[:, pad:] for k, v in layer.items()} for layer in layers]
         interm_logits = self.transformer.enc_out_class_embed(selected.interm_hidden)
         out: DINOOutput = {
-            **layers[-1],
-            "aux_outputs": layers[:-1],
-            "interm_outputs": {"pred_logits": interm_logits, "pred_boxes": selected.interm_boxes},
+            **matching[-1],
+            "aux_outputs": matching[:-1],
+            "interm_outputs": {"pred_logits": interm_logits, **self.interm_box_outputs(selected)},
             "interm_outputs_for_matching_pre": {"pred_logits": interm_logits,
                                                 "pred_boxes": selected.init_box_proposal},
             "dn_meta": None,
         }
         if dn is not None:
-            dn_layers = [{"pred_logits": lg[:, :pad], "pred_boxes": bx[:, :pad]}
-                         for lg, bx in zip(logits, boxes)]
+            dn_layers = [{k: v[:, :pad] for k, v in layer.items()} for layer in layers]
             known = {**dn_layers[-1], "aux_outputs": dn_layers[:-1]}
             out["dn_meta"] = {**dn.meta(), "output_known_lbs_bboxes": known}
         return out
+
+    def box_outputs(self, layer: int, hidden: Tensor, reference_boxes: Tensor) -> dict[str, Tensor]:
+        """The per-query box fields of decoder layer `layer`: hidden (B, T, d), reference_boxes
+        (B, T, 4) cxcywh (undetached: look forward twice) -> {pred_boxes (B, T, 4) cxcywh}.
+        A variant adds its own fields here (UGS: the bin logits)."""
+        return {"pred_boxes": refine_boxes(self.bbox_embed[layer], hidden, reference_boxes)}
+
+    def interm_box_outputs(self, selected: SelectedQueries) -> dict[str, Tensor]:
+        """The per-query box fields of the encoder proposals: {pred_boxes (B, Q, 4) cxcywh}."""
+        return {"pred_boxes": selected.interm_boxes}

@@ -57,7 +57,11 @@ class SelectedQueries(NamedTuple):
     interm_hidden (B, Q, d): gathered encoder features (undetached; the interm logits input);
     interm_boxes (B, Q, 4): sigmoid of the gathered boxes, cxcywh (undetached; interm prediction);
     init_box_proposal (B, Q, 4): sigmoid of the raw gathered proposals, cxcywh;
-    topk_index (B, Q): selected token indices.
+    topk_index (B, Q): selected token indices;
+    proposals_unsig (B, Q, 4): the raw gathered proposals, unsigmoided cxcywh (+inf where the
+        token was padding or its proposal invalid): the exact reference that `interm_boxes`
+        refines, i.e. interm_boxes = sigmoid(delta + proposals_unsig), without a sigmoid -> logit
+        round trip.
     """
 
     anchors_unsig: Tensor
@@ -65,6 +69,7 @@ class SelectedQueries(NamedTuple):
     interm_boxes: Tensor
     init_box_proposal: Tensor
     topk_index: Tensor
+    proposals_unsig: Tensor
 
 
 def select_queries(memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tuple[int, int]],
@@ -84,11 +89,13 @@ def select_queries(memory: Tensor, padding_mask: Tensor, spatial_shapes: list[tu
     topk_index = torch.topk(logits.max(-1)[0], num_queries, dim=1)[1]  # (B, Q)
     index4 = topk_index.unsqueeze(-1).repeat(1, 1, 4)
     gathered_unsig = torch.gather(boxes_unsig, 1, index4)
+    proposals_unsig = torch.gather(proposals, 1, index4)
     return SelectedQueries(
         anchors_unsig=gathered_unsig.detach(),
         interm_hidden=torch.gather(output_memory, 1,
                                    topk_index.unsqueeze(-1).repeat(1, 1, output_memory.shape[-1])),
         interm_boxes=gathered_unsig.sigmoid(),
-        init_box_proposal=torch.gather(proposals, 1, index4).sigmoid(),
+        init_box_proposal=proposals_unsig.sigmoid(),
         topk_index=topk_index,
+        proposals_unsig=proposals_unsig,
     )

@@ -1,15 +1,16 @@
 """Build UGS-DINO from the config: the only code that reads `cfg.ugs` (besides tools).
 
-`build_ugs(cfg, model, criterion, postprocessor)` turns the DINO triple that `build_model` made
-into the UGS one; `build_model` calls it when `cfg.ugs.enabled`.
+`build_ugs(cfg, criterion, postprocessor)` builds UGS-DINO (`build_dino` with the UGSDINO class
+and its grids) and turns DINO's criterion and post-processor into the UGS ones; `build_model`
+calls it when `cfg.ugs.enabled`.
 """
 from __future__ import annotations
 
 import torch
 
 import ugs
+from models.build import build_dino
 from models.criterion import SetCriterion
-from models.dino import DINO
 from models.postprocess import PostProcess
 from models.ugs_dino import UGSDINO
 from models.ugs_losses import UGSBoxLoss, UGSCriterion, ugs_weight_dict
@@ -24,7 +25,7 @@ def ugs_grids(u) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - configs
     return grid, interm
 
 
-def build_ugs(cfg, model: DINO, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001
+def build_ugs(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001
               ) -> tuple[UGSDINO, UGSCriterion, UGSPostProcess]:
     u = cfg.ugs
     u.check()
@@ -34,8 +35,8 @@ def build_ugs(cfg, model: DINO, criterion: SetCriterion, postprocessor: PostProc
     if u.ur.levels is not None and max(u.ur.levels) >= cfg.model.num_feature_levels:
         raise ValueError(f"ugs.ur.levels {u.ur.levels}: model.num_feature_levels is "
                          f"{cfg.model.num_feature_levels}")
-    model = UGSDINO.from_dino(model, grid, interm_grid, zero_last_layer=u.init.zero_last_layer,
-                              collect_ur_context=u.ur.weight > 0)
+    model = build_dino(cfg.model, UGSDINO, grid=grid, interm_grid=interm_grid,
+                       zero_last_layer=u.init.zero_last_layer, collect_ur_context=u.ur.weight > 0)
     weights = ugs_weight_dict(criterion.weight_dict, u.loss.box_loss, u.loss.ce_weight, u.loss.um_weight,
                               u.ur.weight, aux_layers=u.loss.aux_layers, interm=u.loss.interm, dn=u.loss.dn)
     box_losses = tuple(criterion.box_losses) + (UGSBoxLoss(grid, interm_grid),)

@@ -2,74 +2,94 @@
 
 Same modules and parameter names as DINO (so official checkpoints load, minus the box heads' last
 layers); the differences are all here:
-- every box head is a `DistributionBoxHead` (models/ugs_head.py), so decoding, matching and GIoU
-  use the expectation of the bin distribution;
+- every box head is a `DistributionBoxHead` (models/ugs_head.py), passed to DINO's constructor as
+  its box-head factory, so decoding, matching and GIoU use the expectation of the bin distribution;
 - every output set (final, aux, interm, dn) also carries `pred_box_logits (B, T, 4, n+1)` and
   `ref_boxes_logit (B, T, 4)` for the criterion (docs/conventions.md);
-- in training, `outputs["ur_context"]` carries what the UR second pass needs (URContext): the
-  encoder memory with its graph, the level layout, and a `rerun(memory)` that repeats the decoder
-  on the matching queries only (same content queries and anchors, no denoising queries).
+- in training with UR on, `outputs["ur_context"]` carries what the UR second pass needs
+  (URContext): the decoder's inputs of this forward (`intermediates["decoder_inputs"]` of
+  DINO.forward) restricted to the matching queries, and a `rerun(memory)` that repeats the
+  decoder on other memory.
 """
 from __future__ import annotations
 
-import inspect
+import math
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
-from torch import Tensor, nn
+import torch
+from torch import Tensor
 
-from models.decoder import Decoder
+import ugs
+from models.decoder import Decoder, DecoderInputs
 from models.dino import DINO
-from models.ugs_head import DistributionBoxHead, distribution_outputs, use_distribution_box_heads
+from models.query_selection import SelectedQueries
+from models.ugs_head import DistributionBoxHead, distribution_outputs
+from util.box_ops import inverse_sigmoid
 
-_DECODER_ARGS = inspect.signature(Decoder.forward)
+# |inverse_sigmoid| never exceeds this (eps 1e-3, util/box_ops.py)
+MAX_REFERENCE_LOGIT = math.log((1 - 1e-3) / 1e-3)
 
 
 @dataclass
 class URContext:
     """What the UR pass needs from one training forward.
 
-    memory: (B, S, d) encoder output with its autograd graph (S = sum of h_l * w_l).
-    padding_mask: (B, S) bool, True on padding. level_sizes: [h_l * w_l] per level (sum S).
-    decoder_inputs: the matching part's decoder arguments except `memory` (tgt (B, Q, d),
-        anchors_unsig (B, Q, 4) detached, memory_padding_mask, spatial_shapes, level_start_index,
-        valid_ratios, self_attn_mask=None).
+    inputs: the decoder's inputs for the Q matching queries (no denoising queries, no attention
+        mask); `inputs.memory` (B, S, d) is the encoder output with its autograd graph.
+    level_sizes: [h_l * w_l] per level (sum S), to split memory into levels.
+    decoder, box_head: the model's decoder and its (shared) decoder box head.
     """
 
-    memory: Tensor
-    padding_mask: Tensor
+    inputs: DecoderInputs
     level_sizes: list[int]
-    decoder_inputs: dict
     decoder: Decoder
     box_head: DistributionBoxHead
 
-    def rerun(self, memory: Tensor) -> list[Tensor]:
-        """Decoder on `memory` (B, S, d) -> bin logits (B, Q, 4, n+1) of every decoder layer."""
-        hs, _ = self.decoder(memory=memory, **self.decoder_inputs)
-        return [self.box_head.bin_logits(h) for h in hs]
+    @property
+    def memory(self) -> Tensor:
+        return self.inputs.memory
+
+    @property
+    def padding_mask(self) -> Tensor:
+        """(B, S) bool, True on padding."""
+        return self.inputs.memory_padding_mask
+
+    def rerun(self, memory: Tensor, matched: list[tuple[Tensor, Tensor]] | None = None) -> list[Tensor]:
+        """The decoder again on `memory` (B, S, d), same queries and anchors -> per decoder layer
+        the bin logits (B, Q, 4, n+1), or with `matched` (one (batch_idx (N_l,), query_idx (N_l,))
+        per layer) only those queries' (N_l, 4, n+1): the box head runs on nothing else."""
+        hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory": memory})
+        if matched is None:
+            return [self.box_head.bin_logits(h) for h in hs]
+        if len(matched) != len(hs):
+            raise ValueError(f"URContext.rerun: {len(matched)} index pairs for {len(hs)} decoder layers")
+        return [self.box_head.bin_logits(h[b, q]) for h, (b, q) in zip(hs, matched)]
 
 
 class UGSDINO(DINO):
-    """DINO whose box heads predict per-coordinate bin distributions. Build with `from_dino`."""
+    """DINO whose box heads predict per-coordinate bin distributions over `grid`.
 
-    # Set by from_dino: whether training forwards attach `ur_context` (False when ur.weight is 0,
-    # so a run without UR pays nothing for it).
-    collect_ur_context: bool
+    args, kwargs: DINO's constructor arguments (models/dino.py) but `box_head_factory`.
+    grid (n+1,): the decoder heads' bins; interm_grid (n+1,): the encoder-proposal head's
+    (default `grid`). zero_last_layer: start the bin layers at zero (uniform bins, delta 0).
+    collect_ur_context: training forwards attach `ur_context` (False when ur.weight is 0, so a
+    run without UR keeps nothing for it).
 
-    @classmethod
-    def from_dino(cls, model: DINO, grid: Tensor, interm_grid: Tensor | None = None,
-                  zero_last_layer: bool = True, collect_ur_context: bool = False) -> "UGSDINO":
-        """Turn a freshly built DINO into UGS-DINO in place and return it.
+    The box heads are built where DINO builds its own, so from the same seed every parameter but
+    the heads' last layers equals the DINO baseline's (the baseline-vs-UGS diagnostics rely on it).
+    """
 
-        Re-typing the built model (rather than building a second one) keeps every parameter but the
-        box heads' last layers identical to the baseline built from the same seed, which the
-        baseline-vs-UGS diagnostics rely on. The first two layers of each box head are kept.
-        """
-        if type(model) is not DINO:
-            raise TypeError(f"UGSDINO.from_dino expects a DINO, got {type(model).__name__}")
-        model.__class__ = cls
-        model.replaced_heads = use_distribution_box_heads(model, grid, interm_grid, zero_last_layer)
-        model.collect_ur_context = collect_ur_context
-        return model
+    def __init__(self, *args: Any, grid: Tensor, interm_grid: Tensor | None = None,
+                 zero_last_layer: bool = True, collect_ur_context: bool = False, **kwargs: Any) -> None:
+        if "box_head_factory" in kwargs:
+            raise TypeError("UGSDINO builds its own box heads; do not pass box_head_factory")
+        super().__init__(*args, box_head_factory=partial(DistributionBoxHead, grid=grid,
+                                                         zero_last_layer=zero_last_layer), **kwargs)
+        # the encoder head starts as a copy of the decoder head (official init), over its own range
+        self.transformer.enc_out_bbox_embed.set_grid(interm_grid if interm_grid is not None else grid)
+        self.collect_ur_context = collect_ur_context
 
     @property
     def box_grid(self) -> Tensor:
@@ -77,44 +97,32 @@ class UGSDINO(DINO):
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None,
                 dn_override: dict | None = None, intermediates: dict | None = None) -> dict:
-        captured: dict = {}
-
-        def keep_decoder_args(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-            captured.update(_DECODER_ARGS.bind(None, *args, **kwargs).arguments)
-
-        hook = (self.transformer.decoder.register_forward_pre_hook(keep_decoder_args, with_kwargs=True)
-                if self.training and self.collect_ur_context else None)
-        try:
-            out = super().forward(images, masks, targets, dn_override, intermediates)
-        finally:
-            if hook is not None:
-                hook.remove()
-        if captured:
-            out["ur_context"] = self._ur_context(captured, out)
+        stages = intermediates if intermediates is not None else {}
+        out = super().forward(images, masks, targets, dn_override, stages)
+        if self.training and self.collect_ur_context:
+            num_dn = out["dn_meta"]["pad_size"] if out.get("dn_meta") else 0
+            inputs = stages["decoder_inputs"].without_denoising(num_dn)
+            sizes = [int(h) * int(w) for h, w in inputs.spatial_shapes.tolist()]
+            out["ur_context"] = URContext(inputs, sizes, self.transformer.decoder, self.bbox_embed[0])
         return out
 
-    def _ur_context(self, args: dict, out: dict) -> URContext:
-        pad = out["dn_meta"]["pad_size"] if out.get("dn_meta") else 0
-        spatial_shapes = args["spatial_shapes"]
-        inputs = {"tgt": args["tgt"][:, pad:], "anchors_unsig": args["anchors_unsig"][:, pad:],
-                  "memory_padding_mask": args["memory_padding_mask"], "spatial_shapes": spatial_shapes,
-                  "level_start_index": args["level_start_index"], "valid_ratios": args["valid_ratios"],
-                  "self_attn_mask": None}
-        sizes = [int(h) * int(w) for h, w in spatial_shapes.tolist()]
-        return URContext(memory=args["memory"], padding_mask=args["memory_padding_mask"], level_sizes=sizes,
-                         decoder_inputs=inputs, decoder=self.transformer.decoder, box_head=self.bbox_embed[0])
+    def box_outputs(self, layer: int, hidden: Tensor, reference_boxes: Tensor) -> dict[str, Tensor]:
+        """DINO's refined boxes decoded from the bin logits, plus the fields the UGS losses need:
+        pred_box_logits (B, T, 4, n+1) and ref_boxes_logit (B, T, 4) (detached). The head runs
+        once; the arithmetic is `models.heads.refine_boxes`'s."""
+        head = self.bbox_embed[layer]
+        logits = head.bin_logits(hidden)
+        delta = ugs.expectation(logits, head.grid)  # (B, T, 4), at least float32
+        dtype = torch.promote_types(torch.promote_types(delta.dtype, reference_boxes.dtype), torch.float32)
+        with torch.autocast(device_type=delta.device.type, enabled=False):
+            ref_logit = inverse_sigmoid(reference_boxes.to(dtype))
+            boxes = (delta.to(dtype) + ref_logit).sigmoid()
+        return {"pred_boxes": boxes, "pred_box_logits": logits, "ref_boxes_logit": ref_logit.detach()}
 
-    def predict(self, hs: list[Tensor], references: list[Tensor], selected, dn) -> dict:  # noqa: ANN001
-        out = super().predict(hs, references, selected, dn)
-        pad = 0 if dn is None else dn.pad_size
-        extras = [distribution_outputs(self.bbox_embed[i], h, references[i]) for i, h in enumerate(hs)]
-        for layer_out, extra in zip(out["aux_outputs"] + [out], extras):
-            layer_out.update({k: v[:, pad:] for k, v in extra.items()})
-        if out.get("dn_meta"):
-            known = out["dn_meta"]["output_known_lbs_bboxes"]
-            for layer_out, extra in zip(known["aux_outputs"] + [known], extras):
-                layer_out.update({k: v[:, :pad] for k, v in extra.items()})
-        # Encoder proposals: the reference is the selected proposal box (logit space, detached).
-        out["interm_outputs"].update(distribution_outputs(self.transformer.enc_out_bbox_embed,
-                                                          selected.interm_hidden, selected.init_box_proposal))
-        return out
+    def interm_box_outputs(self, selected: SelectedQueries) -> dict[str, Tensor]:
+        # The reference is the selected raw proposal (logit space, +inf where invalid; clamped as
+        # inverse_sigmoid clamps, so such a query's target stays finite): no sigmoid/logit round trip.
+        proposal_logit = selected.proposals_unsig.clamp(-MAX_REFERENCE_LOGIT, MAX_REFERENCE_LOGIT)
+        head = self.transformer.enc_out_bbox_embed
+        return {"pred_boxes": selected.interm_boxes,
+                **distribution_outputs(head, selected.interm_hidden, proposal_logit)}

@@ -3,9 +3,9 @@
 A distribution box head is DINO's MLP(d, d, 4, 3) with a last layer of 4(n+1) outputs: per box
 coordinate, n+1 bin logits over a grid (ugs.make_grid), decoded to the logit-space delta by the
 expectation. Its forward returns that delta, so it is a drop-in for DINO's box head everywhere a
-box head is called (decoder refinement, predictions, encoder proposals). The bin logits are
-recomputed for the output sets the criterion needs (`distribution_outputs`); the MLP is tiny next
-to the decoder, so this costs well under 1% of a training step.
+box head is called (decoder refinement inside the decoder, encoder proposals). Where the
+criterion needs the bin logits (the output sets), UGS-DINO calls `bin_logits` and decodes them
+itself (models/ugs_dino.py), so the head runs once per prediction.
 
 Parameter names stay the official ones (`layers.{0,1,2}.*`): an official checkpoint loads into
 every tensor except the last layer, whose shape differs; `zero_last_layer` makes that layer start
@@ -19,7 +19,6 @@ from torch import Tensor, nn
 
 import ugs
 from models.heads import MLP
-from util.box_ops import inverse_sigmoid
 
 
 class DistributionBoxHead(MLP):
@@ -42,6 +41,13 @@ class DistributionBoxHead(MLP):
     def num_bins(self) -> int:
         return self.grid.numel()
 
+    def set_grid(self, grid: Tensor) -> None:
+        """Use another grid with the same number of bins (e.g. the encoder-proposal range)."""
+        if grid.shape != self.grid.shape:
+            raise ValueError(f"DistributionBoxHead.set_grid: expected a grid of shape "
+                             f"{tuple(self.grid.shape)}, got {tuple(grid.shape)}")
+        self.grid = grid.detach().clone().to(device=self.grid.device, dtype=torch.float32)
+
     def bin_logits(self, hidden: Tensor) -> Tensor:
         """hidden (..., d) -> (..., 4, n+1) raw logits (cx, cy, w, h order)."""
         out = super().forward(hidden)
@@ -52,15 +58,14 @@ class DistributionBoxHead(MLP):
 
 
 def distribution_outputs(head: DistributionBoxHead, hidden: Tensor,
-                         reference_boxes: Tensor) -> dict[str, Tensor]:
+                         ref_boxes_logit: Tensor) -> dict[str, Tensor]:
     """The per-query UGS fields of one output set (docs/conventions.md, Model).
 
-    hidden (B, T, d), reference_boxes (B, T, 4) cxcywh the box the head refined ->
-    pred_box_logits (B, T, 4, n+1) and ref_boxes_logit (B, T, 4) = inverse_sigmoid(reference),
-    detached (the two-hot target is y = inverse_sigmoid(target) - ref_boxes_logit).
+    hidden (B, T, d), ref_boxes_logit (B, T, 4) the detached logit-space reference the head's
+    delta was added to -> pred_box_logits (B, T, 4, n+1) and ref_boxes_logit (the two-hot target
+    is y = inverse_sigmoid(target) - ref_boxes_logit).
     """
-    return {"pred_box_logits": head.bin_logits(hidden),
-            "ref_boxes_logit": inverse_sigmoid(reference_boxes.detach().float())}
+    return {"pred_box_logits": head.bin_logits(hidden), "ref_boxes_logit": ref_boxes_logit.detach()}
 
 
 def _distribution_copy(old: nn.Module, hidden_dim: int, grid: Tensor,
@@ -75,7 +80,10 @@ def _distribution_copy(old: nn.Module, hidden_dim: int, grid: Tensor,
 
 def use_distribution_box_heads(model: nn.Module, grid: Tensor, interm_grid: Tensor | None = None,
                                zero_last_layer: bool = True) -> list[str]:
-    """Swap a DINO's box heads for distribution heads, in place; return the replaced module names.
+    """Swap an already built DINO's box heads for distribution heads, in place; return the replaced
+    module names. Models are built as `models.ugs_dino.UGSDINO` (through `build_model`); this is
+    for experiments on an existing DINO instance (its forward then decodes by expectation, but it
+    emits no UGS output fields).
 
     The decoder heads are one module shared by all layers (aliased as `bbox_embed.{i}` and
     `transformer.decoder.bbox_embed.{i}`); the sharing is kept. The encoder-proposal head

@@ -94,8 +94,9 @@ class UGSCriterion(SetCriterion):
 
     UR (ugs_method.md section 8): g_l = d(sum of the decoder layers' loss_um)/d(memory level l),
     delta_l = rho g_l / (||g_l|| + eps) per image and level (padding untouched), decoder again on
-    memory + delta (matching queries only), loss_ur = sum over decoder layers of the entropy of
-    the step-1-matched queries (mean over coordinates, / num_boxes). Skipped (not even computed)
+    memory + delta (matching queries only, no denoising queries), loss_ur = sum over decoder
+    layers of the entropy of the step-1-matched queries (mean over coordinates, / num_boxes); the
+    second pass runs the box head on those matched queries only (no class heads, no other loss). Skipped (not even computed)
     when ur_weight is 0; 0 when the outputs carry no `ur_context` (evaluation).
     """
 
@@ -140,13 +141,19 @@ class UGSCriterion(SetCriterion):
             grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
         masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
         perturbed = torch.cat(ugs.ur_perturbation(feats, grads, self.ur_rho, masks, self.ur_eps), dim=1)
-        layer_logits = ctx.rerun(perturbed)  # L x (B, Q, 4, n+1)
+        # step-1 matching of each decoder layer; the box head runs on those queries only
+        matched = [_flat_pairs(used[s], perturbed.device) for s in layer_suffixes]
+        layer_logits = ctx.rerun(perturbed, matched)  # L x (N_l, 4, n+1)
         self.ur_passes += 1
         num_boxes = self.num_boxes(targets, perturbed.device)
         total = zero
-        for s, logits in zip(layer_suffixes, layer_logits):
-            idx = used[s]
-            b = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(idx)]).to(logits.device)
-            q = torch.cat([src for src, _ in idx]).to(logits.device)
-            total = total + ugs.um_loss(logits[b, q]).mean(-1).sum() / num_boxes
+        for logits in layer_logits:
+            total = total + ugs.um_loss(logits).mean(-1).sum() / num_boxes
         return total
+
+
+def _flat_pairs(indices: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per-image (pred_idx, tgt_idx) -> (batch_idx (N,), query_idx (N,)) on `device`."""
+    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
+    query_idx = torch.cat([src for src, _ in indices]).to(device)
+    return batch_idx, query_idx

@@ -76,6 +76,32 @@ def test_mixed_batch_one_image_without_boxes_trains():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.slow
+def test_decoder_inputs_are_exposed_and_replay_the_decoder():
+    """intermediates["decoder_inputs"] holds the decoder's exact arguments (dn queries first): a second
+    decoder call with them reproduces the first, and without the dn part gives the matching queries."""
+    torch.manual_seed(0)
+    model, _, _ = _tiny()
+    model.train()
+    images, masks = _batch()
+    boxes = torch.tensor([[0.5, 0.5, 0.2, 0.3], [0.3, 0.3, 0.1, 0.1]])
+    targets = [{"labels": torch.tensor([1, 4]), "boxes": boxes}, _empty_target()]
+    stages: dict = {}
+    with torch.no_grad():
+        out = model(images, masks, targets, intermediates=stages)
+        inputs = stages["decoder_inputs"]
+        pad = out["dn_meta"]["pad_size"]
+        assert inputs.tgt.shape[1] == pad + 30 and inputs.self_attn_mask.shape == (pad + 30, pad + 30)
+        assert inputs.memory is stages["memory"] and not inputs.anchors_unsig.requires_grad
+        hs, refs = model.transformer.decoder(**inputs.kwargs())
+        assert torch.equal(hs[-1], stages["transformer"]["hs"][-1])
+        matching = inputs.without_denoising(pad)
+        assert matching.tgt.shape[1] == 30 and matching.self_attn_mask is None
+        hs_m, _ = model.transformer.decoder(**matching.kwargs())
+        # the attention mask keeps the matching queries blind to the dn ones: same result without them
+        assert torch.allclose(hs_m[-1], hs[-1][:, pad:], atol=1e-5)
+
+
 def test_group_count_rule():
     assert num_dn_groups(100, 7) == 14          # 200 // 14
     assert num_dn_groups(10, 3) == 20           # < 100 total: GT count ignored (pitfall 18)
@@ -217,6 +243,14 @@ def test_named_configs_load_and_differ_as_documented():
     assert coco.model.dn_box_noise_scale == 1.0 and coco.model.num_queries == 900
     assert (vis.model.num_classes, vis.eval.max_dets, vis.data.dataset) == (10, 1500, "visdrone")
     assert vis.model.hidden_dim == coco.model.hidden_dim and vis.optim == coco.optim
+    # VisDrone evaluates at the top of its small_object training scales
+    assert (vis.data.eval_size, vis.data.eval_max_size) == (max(vis.data.small_object_scales),
+                                                            vis.data.small_object_max_size)
+    # the tiny CPU config keeps the 256 px synthetic scenes near their size (no ~700 px upscaling)
+    tiny = load_config("dino_tiny").data
+    side = max(tiny.synthetic_image_size)
+    assert max(tiny.train_scales) <= 1.25 * side and tiny.eval_size == side
+    assert tiny.train_max_size <= 2 * side
 
 
 def test_overrides_are_type_checked():

@@ -1,7 +1,6 @@
 """UGS-DINO on the tiny config (CPU): heads, zero-init equivalence, criterion weights, UR pass."""
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest
@@ -90,10 +89,27 @@ def test_official_checkpoint_into_ugs_dino_gives_dinos_boxes_at_step_0():
                           atol=1e-6, rtol=0)
     for x, y in zip(a["aux_outputs"], b["aux_outputs"]):
         assert torch.allclose(x["pred_boxes"], y["pred_boxes"], atol=1e-6, rtol=0)
-    # the same with a DINO converted in place (what build_ugs does)
-    converted = UGSDINO.from_dino(copy.deepcopy(dino), ugs.make_grid(4.0, 1.0, 16)).eval()
-    with torch.no_grad():
-        assert torch.allclose(converted(images, masks)["pred_boxes"], a["pred_boxes"], atol=1e-6, rtol=0)
+    # and the interm reference is the raw proposal itself (no sigmoid -> logit round trip)
+    interm = b["interm_outputs"]
+    enc_grid = model.transformer.enc_out_bbox_embed.grid
+    decoded = torch.sigmoid(ugs.expectation(interm["pred_box_logits"], enc_grid) + interm["ref_boxes_logit"])
+    assert torch.allclose(decoded, interm["pred_boxes"], atol=1e-6, rtol=0)
+
+
+def test_same_seed_gives_dinos_parameters_except_the_bin_layers():
+    """UGS-DINO is built by build_dino with the UGSDINO class: from one seed, every parameter but the
+    box heads' last layers equals the DINO baseline's (the gradvar comparison relies on it)."""
+    _, dino, _, _ = _build([])
+    _, model, _, _ = _build(["ugs.ablation=full"])
+    a, b = dino.state_dict(), model.state_dict()
+    assert a.keys() == b.keys()
+    differ = sorted(k for k in a if a[k].shape != b[k].shape or not torch.equal(a[k], b[k]))
+    assert differ and all("bbox_embed." in k for k in differ), differ
+    assert all(".layers.2." in k for k in differ), differ
+    assert model.transformer.enc_out_bbox_embed is not model.bbox_embed[0]
+    assert all(h is model.bbox_embed[0] for h in model.transformer.decoder.bbox_embed)
+    with pytest.raises(TypeError, match="box_head_factory"):
+        UGSDINO(grid=ugs.make_grid(4.0, 1.0, 8), box_head_factory=None)
 
 
 @pytest.mark.slow
@@ -141,11 +157,18 @@ def test_ur_runs_second_pass_with_reused_matching():
     assert calls[0] == 2 and criterion.ur_passes == 1
     assert losses["loss_ur"].item() > 0 and math.isfinite(total.item())
     assert criterion.weight_dict["loss_ur"] == 0.5
-    # loss_ur without perturbation equals the first pass's decoder-layer entropies
+    # the context holds the decoder's inputs of the matching queries: rerunning on the same memory
+    # reproduces the first pass's bin logits, all queries or only the given ones
     ctx = out["ur_context"]
+    assert ctx.inputs.tgt.shape[1] == out["pred_logits"].shape[1] and ctx.inputs.self_attn_mask is None
     with torch.no_grad():
         again = ctx.rerun(ctx.memory)
         assert torch.allclose(again[-1], out["pred_box_logits"], atol=1e-5)
+        assert torch.allclose(again[0], out["aux_outputs"][0]["pred_box_logits"], atol=1e-5)
+        b, q = torch.tensor([1, 0, 1]), torch.tensor([3, 5, 0])
+        some = ctx.rerun(ctx.memory, [(b, q), (b[:1], q[:1])])
+        assert torch.allclose(some[0], again[0][b, q], atol=1e-5)
+        assert torch.allclose(some[1], again[1][b[:1], q[:1]], atol=1e-5)
 
 
 def test_weight_dicts_of_the_ablation_rows():
