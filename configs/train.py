@@ -90,6 +90,9 @@ class RuntimeConfig:
     # Stop after this many optimizer steps in total (0: no limit). For smoke tests and the demo.
     max_steps: int = 0
     tensorboard: bool = True  # only when the tensorboard package is installed
+    # torch intra-op CPU threads per process (0: torch's default). On a busy shared CPU, 1 thread
+    # can be several times faster than 2 (OpenMP threads spin while waiting for a core).
+    num_threads: int = 0
     # Use deterministic algorithms (exact resume checks; slower on GPU).
     deterministic: bool = False
     # DistributedDataParallel(find_unused_parameters=...): needed when some parameters get no
@@ -99,6 +102,6 @@ class RuntimeConfig:
     eval_ema: bool = True
 
     def check(self) -> None:
-        if self.max_steps < 0 or self.log_interval < 1 or self.checkpoint_interval < 0:
-            raise ConfigError("runtime.max_steps must be >= 0, runtime.log_interval >= 1, "
-                              "runtime.checkpoint_interval >= 0")
+        if self.max_steps < 0 or self.log_interval < 1 or self.checkpoint_interval < 0 or self.num_threads < 0:
+            raise ConfigError("runtime.max_steps, runtime.checkpoint_interval and runtime.num_threads "
+                              "must be >= 0, runtime.log_interval >= 1")

@@ -1,0 +1,307 @@
+"""Training/evaluation machinery: main.run + util/engine.py with tiny fakes (tests/engine_fakes.py),
+then the real tiny UGS-DINO on synthetic data (slow).
+
+What could fail and is checked: the loop logs every step and lr; resume continues bit-exactly
+(parameters, optimiser, log); a NaN loss skips the step with the image ids and aborts after K;
+accumulation steps the optimiser once per K micro-batches; 2 processes score every image once to
+the same metrics as 1; a corrupt checkpoint names the file; parameter groups follow official DINO.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.engine_fakes import (FakeCriterion, FakeDINO, build_fake_data,
+                                build_fake_model, fake_config)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; each run() starts from scratch."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    GradientState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    yield
+    _reset_accelerate()
+
+
+def _run(out: Path, argv: list[str] | None = None, extra: list[str] | None = None,
+         criterion: FakeCriterion | None = None) -> dict:
+    from main import parse_args, run
+
+    def build(cfg):  # noqa: ANN001, ANN202
+        model, crit, post = build_fake_model(cfg)
+        return model, criterion or crit, post
+
+    return run(parse_args(argv or []), fake_config(out, extra), build_model_fn=build,
+               build_data_fn=build_fake_data)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------------------
+# Parameter groups and schedule
+# ------------------------------------------------------------------------------------------
+def test_param_groups_default_never_applies_linear_proj_mult() -> None:
+    from configs.train import OptimConfig
+    from util.optim import build_optimizer, build_scheduler, param_groups
+
+    model = FakeDINO()
+    model.class_head.bias.requires_grad_(False)  # frozen parameters are left out
+    cfg = OptimConfig(lr=1e-4, lr_backbone=1e-5)
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert set(groups) == {"main", "backbone"}
+    assert groups["backbone"]["lr"] == 1e-5 and groups["main"]["lr"] == 1e-4
+    assert all(n.startswith("backbone.0.") for n in groups["backbone"]["param_names"])
+    assert "sampling_offsets.weight" in groups["main"]["param_names"]  # multiplier inert
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert sorted(groups["main"]["param_names"] + groups["backbone"]["param_names"]) == sorted(trainable)
+
+    cfg.param_dict_type = "ddetr_in_mmdet"
+    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    assert groups["linear_proj"]["param_names"] == ["sampling_offsets.weight", "sampling_offsets.bias"]
+    assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
+    assert "sampling_offsets.weight" not in groups["main"]["param_names"]
+
+    opt = build_optimizer(model, OptimConfig(lr=1e-4, lr_drop=2))
+    sched = build_scheduler(opt, OptimConfig(lr=1e-4, lr_drop=2))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()  # no gradients: a no-op, keeps the optimizer-before-scheduler order
+        sched.step()
+    assert lrs == pytest.approx([1e-4, 1e-4, 1e-5, 1e-5])
+    opt = torch.optim.AdamW(model.parameters(), lr=1.0)
+    sched = build_scheduler(opt, OptimConfig(lr=1.0, lr_drop_list=[1, 3]))
+    got = []
+    for _ in range(4):
+        got.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert got == pytest.approx([1.0, 0.1, 0.1, 0.01])
+
+
+def test_ema_averages_shared_parameters_once() -> None:
+    from util.ema import ModelEMA
+
+    lin = torch.nn.Linear(2, 2)
+    model = torch.nn.ModuleDict({"a": lin, "b": lin})  # one tensor under two state_dict names
+    ema = ModelEMA(model, decay=0.9)
+    before = lin.weight.detach().clone()
+    with torch.no_grad():
+        lin.weight.add_(1.0)
+    ema.update(model)
+    expected = 0.9 * before + 0.1 * lin.weight.detach()
+    torch.testing.assert_close(ema.module["a"].weight, expected, rtol=0, atol=1e-6)
+    ema2 = ModelEMA(model, decay=0.5)
+    ema2.load_state_dict(ema.state_dict())
+    assert ema2.decay == 0.9 and ema2.num_updates == 1
+
+
+# ------------------------------------------------------------------------------------------
+# The loop, logs, pictures, checkpoints
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_train_and_evaluate_writes_logs_metrics_plots_checkpoints(tmp_path: Path) -> None:
+    from util.checkpoint import load_checkpoint
+
+    out = tmp_path / "run"
+    result = _run(out, ["--export-safetensors"])
+    records = _log(out)
+    assert [r["step"] for r in records] == list(range(1, 9))  # 8 images / batch 2 x 2 epochs
+    assert {"loss", "loss_ce", "loss_bbox", "lr_main", "lr_backbone", "grad_norm"} <= set(records[0])
+    assert records[0]["lr_main"] == pytest.approx(1e-2) and records[-1]["lr_main"] == pytest.approx(1e-3)
+    assert records[0]["loss"] == pytest.approx(records[0]["loss_ce"] + 5 * records[0]["loss_bbox"], rel=1e-5)
+    history = [json.loads(x) for x in (out / "metrics_history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history] == [4, 8]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["max_dets"] == 8 and metrics["num_images"] == 7
+    assert 0.0 < metrics["AP"] < 1.0 and metrics == {**history[-1]}
+    results = json.loads((out / "results_val.json").read_text())
+    assert {r["image_id"] for r in results} == set(range(1, 8))
+    assert {r["category_id"] for r in results} <= {1, 2}
+    for name in ("loss_curves.png", "ap_history.png", "detections_last.png"):
+        assert (out / "plots" / name).stat().st_size > 5000
+    assert json.loads((out / "config.json").read_text())["optim"]["epochs"] == 2
+    ckpt = load_checkpoint(out / "checkpoint_last.pth")
+    assert {"model", "optimizer", "lr_scheduler", "epoch", "step", "rng", "config"} <= set(ckpt)
+    assert ckpt["epoch"] == 2 and ckpt["step"] == 8
+    assert (out / "checkpoint_best.pth").is_file() and (out / "model.safetensors").is_file()
+    assert result["metrics"]["AP"] == pytest.approx(metrics["AP"])
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly(tmp_path: Path) -> None:
+    """2 epochs straight == 1 epoch, a crash that left extra log lines, --resume auto, 1 epoch."""
+    from util.checkpoint import load_checkpoint
+
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    _run(straight)
+    _run(resumed, extra=["runtime.max_steps=4"])
+    assert load_checkpoint(resumed / "checkpoint_last.pth")["step"] == 4
+    with (resumed / "log.jsonl").open("a") as f:  # steps a crash lost after the checkpoint
+        f.write(json.dumps({"step": 5, "epoch": 1, "loss": 123.0}) + "\n")
+    _run(resumed, ["--resume", "auto"])
+    assert _log(resumed) == _log(straight)  # same losses, same lrs, bit for bit
+    a = load_checkpoint(straight / "checkpoint_last.pth")
+    b = load_checkpoint(resumed / "checkpoint_last.pth")
+    assert a["model"].keys() == b["model"].keys()
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["exp_avg_sq"], sb["exp_avg_sq"])
+    assert a["lr_scheduler"] == b["lr_scheduler"]
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_corrupt_checkpoint_gives_clear_error(tmp_path: Path) -> None:
+    from util.checkpoint import CheckpointError
+
+    bad = tmp_path / "broken.pth"
+    bad.write_bytes(b"PK\x03\x04 this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="broken.pth.*corrupt or truncated"):
+        _run(tmp_path / "run", ["--resume", str(bad)])
+    with pytest.raises(CheckpointError, match="does not exist"):
+        _run(tmp_path / "run", ["--resume", str(tmp_path / "missing.pth")])
+    weights_only = tmp_path / "weights.pth"
+    torch.save({"model": FakeDINO().state_dict()}, weights_only)
+    with pytest.raises(ValueError, match="not a training checkpoint.*--pretrained"):
+        _run(tmp_path / "run", ["--resume", str(weights_only)])
+
+
+# ------------------------------------------------------------------------------------------
+# Guards
+# ------------------------------------------------------------------------------------------
+def test_nonfinite_loss_skips_step_with_image_ids(tmp_path: Path, caplog) -> None:
+    crit = FakeCriterion()
+    crit.nan_image_ids = {3}
+    out = tmp_path / "nan"
+    with caplog.at_level(logging.WARNING):
+        _run(out, extra=["optim.epochs=1"], criterion=crit)
+    records = _log(out)
+    skipped = [r for r in records if r.get("skipped")]
+    assert len(skipped) == 1 and 3 in skipped[0]["image_ids"] and skipped[0]["nonfinite_terms"] == [
+        "loss", "loss_bbox"]
+    assert len(records) == 4  # the skipped step still advances the step counter
+    assert "skipped: non-finite loss" in caplog.text and "image ids [" in caplog.text
+    from util.checkpoint import load_checkpoint
+    weights = load_checkpoint(out / "checkpoint_last.pth")["model"]
+    assert all(torch.isfinite(v).all() for v in weights.values())
+
+
+def test_nonfinite_loss_aborts_after_k_consecutive(tmp_path: Path) -> None:
+    from util.engine import NonFiniteLossError
+
+    crit = FakeCriterion()
+    crit.nan_image_ids = set(range(1, 100))
+    with pytest.raises(NonFiniteLossError, match="2 consecutive steps"):
+        _run(tmp_path / "nan", extra=["optim.max_nonfinite_steps=2"], criterion=crit)
+    assert len(_log(tmp_path / "nan")) == 2
+
+
+def test_gradient_accumulation_steps_once_per_k_batches(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "2")
+    crit = FakeCriterion()
+    out = tmp_path / "accum"
+    _run(out, extra=["optim.epochs=1"], criterion=crit)
+    assert [r["step"] for r in _log(out)] == [1, 2]  # 4 micro-batches -> 2 optimizer steps
+
+
+def test_out_of_memory_names_image_sizes_and_knobs(caplog) -> None:
+    from accelerate import Accelerator
+
+    from datasets.collate import collate_detection
+    from util.engine import TrainSettings, TrainState, train_one_epoch
+
+    class Exploding(FakeDINO):
+        def forward(self, *args, **kwargs):  # noqa: ANN002, ANN003, ANN201
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    data = build_fake_data(None)
+    loader = torch.utils.data.DataLoader(data.train, batch_size=2, collate_fn=collate_detection)
+    model = Exploding()
+    acc = Accelerator(cpu=True)
+    with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="out of memory"):
+        train_one_epoch(model, FakeCriterion(), loader, torch.optim.AdamW(model.parameters()), acc, 0,
+                        TrainState(), TrainSettings())
+    assert "(h, w)=(32, 32)" in caplog.text and "optim.batch_size" in caplog.text
+    assert "activation checkpointing" in caplog.text and "maximum image size" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------
+# Distributed evaluation
+# ------------------------------------------------------------------------------------------
+def _metrics_from(stdout: str) -> dict:
+    lines = [x for x in stdout.splitlines() if x.startswith("METRICS ")]
+    assert lines, stdout[-3000:]
+    return json.loads(lines[-1][len("METRICS "):])
+
+
+@pytest.mark.slow
+def test_two_processes_score_every_image_once_with_same_metrics(tmp_path: Path) -> None:
+    """7 validation images, batch 2, 2 processes: the sampler pads with a repeat; it is removed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    script = str(ROOT / "tests" / "engine_fakes.py")
+    one = subprocess.run([sys.executable, script, str(tmp_path / "one"), "--eval"], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", script, str(tmp_path / "two"), "--eval"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 process(es)" in two.stdout + two.stderr
+    m1, m2 = _metrics_from(one.stdout), _metrics_from(two.stdout)
+    assert m2["num_images_predicted"] == m1["num_images_predicted"] == 7
+    assert m2["num_detections"] == m1["num_detections"] == 7 * 8
+    for k in ("AP", "AP50", "AP75", "AR"):
+        assert m2[k] == pytest.approx(m1[k], abs=1e-12), k
+    r1 = json.loads((tmp_path / "one" / "results_val.json").read_text())
+    r2 = json.loads((tmp_path / "two" / "results_val.json").read_text())
+    assert sorted(r["image_id"] for r in r2) == sorted(r["image_id"] for r in r1)
+
+
+# ------------------------------------------------------------------------------------------
+# The real thing: the demo's UGS-DINO on synthetic data, tiny sizes
+# ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_real_demo_model_trains_evaluates_and_resumes(tmp_path: Path) -> None:
+    from configs import load_config
+    from main import parse_args, run
+    from util.checkpoint import load_checkpoint
+
+    def cfg(max_steps: int):  # noqa: ANN202
+        return load_config("demo_synthetic", [
+            f"runtime.output_dir={tmp_path}", f"runtime.max_steps={max_steps}", "runtime.tensorboard=false",
+            "data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.synthetic_image_size=[96,96]",
+            "data.synthetic_max_objects=8", "eval.num_draw_images=1"])
+
+    first = run(parse_args([]), cfg(2))  # one epoch of 2 steps (8 images, batch 4)
+    records = _log(tmp_path)
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records)
+    assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_interm"} <= set(records[0])
+    assert first["metrics"]["num_images"] == 3 and first["metrics"]["max_dets"] == 100
+    assert 0.0 <= first["metrics"]["AP50"] <= 1.0
+    _reset_accelerate()
+    second = run(parse_args(["--resume", "auto"]), cfg(4))
+    assert second["state"].step == 4 and [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
+    ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth")
+    assert ckpt["epoch"] == 2 and ckpt["config"]["name"] == "demo_synthetic"
+    assert "backbone.0.body.layer2.0.conv1.weight" in ckpt["model"]  # official key layout
+
