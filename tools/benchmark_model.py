@@ -1,20 +1,30 @@
-"""Speed and memory of DINO-5scale R50 (benchmark, not a test).
+"""Speed and memory of DINO-5scale R50, and the cost of UGS over DINO (benchmark, not a test).
 
-GPU (when one is present): training step time and peak memory at batch 2 x 1333x800 for
-{fp32, bf16 autocast} x {activation checkpointing off, on}, and inference images/s (fp32, bf16).
-CPU (always): eval forward time of one 512x512 image.
+GPU (when one is present):
+- training step time and peak memory at batch 2 x 1333x800 for {fp32, bf16 autocast} x
+  {activation checkpointing off, on}, and inference images/s (fp32, bf16);
+- DINO vs UGS-DINO training steps (the issue's target: at most +10% time and +8% peak memory with
+  UR on): DINO-5scale R50, fp32, 2 images of 800x1088 with 60 small boxes each; DINO
+  (`ugs.ablation=l1`), UGS with UR off (`ce_in_um`) and UR on (`full`) built from the same seed;
+  step times are the median of `--ugs-iters` steps run in alternating order (variant order rotates
+  every step), peak memory is measured with one variant resident at a time.
+CPU (always): eval forward time of one 512x512 image (R50), and the same DINO vs UGS comparison on
+the tiny config (`dino_tiny`: ResNet-18, d=64, 2+2 layers) at 2 x 128x128 with 10 boxes per image
+(step time only; CPU peak memory is not measured).
 
-    python tools/benchmark_model.py [--iters 5] [--warmup 2] [--cpu-only] [--out results.json]
+    python tools/benchmark_model.py [--iters 5] [--warmup 2] [--cpu-only] [--skip-ugs] [--out results.json]
 
-Random weights and inputs (timings do not depend on them; the targets have 20 boxes per image so
-matching and denoising do real work). Keep it short: the default settings run in well under
-150 s on one H100/H200. The last line printed is a JSON object with every number.
+Random weights and inputs (timings do not depend on them; the targets have boxes so matching and
+denoising do real work). Keep it short: the default settings run in well under 150 s on one
+H100/H200. Markdown tables of the results are printed; the last line printed is a JSON object
+with every number.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -28,15 +38,18 @@ from configs import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 
 
-def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device):
+def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,
+               max_box: float = 0.15):
+    """Random images (B, 3, h, w), no padding, and targets with box sides in [0.01, 0.01 + max_box]."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(batch, 3, h, w, generator=g).to(device)
     masks = torch.zeros(batch, h, w, dtype=torch.bool, device=device)
     targets = []
     for _ in range(batch):
         centers = torch.rand(boxes_per_image, 2, generator=g) * 0.8 + 0.1
-        sizes = torch.rand(boxes_per_image, 2, generator=g) * 0.15 + 0.01
-        targets.append({"labels": torch.randint(1, 91, (boxes_per_image,), generator=g).to(device),
+        sizes = torch.rand(boxes_per_image, 2, generator=g) * max_box + 0.01
+        targets.append({"labels": torch.randint(1 if num_classes > 1 else 0, num_classes, (boxes_per_image,),
+                                                generator=g).to(device),
                         "boxes": torch.cat([centers, sizes], 1).to(device)})
     return images, masks, targets
 
@@ -46,11 +59,13 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def train_step_time(model, criterion, optimizer, batch, device, bf16: bool, iters: int, warmup: int) -> dict:
+def make_step(model, criterion, optimizer, batch, device: torch.device, bf16: bool = False):  # noqa: ANN001, ANN201
+    """A closure running one full training step (forward, criterion, backward, clip, AdamW)."""
     images, masks, targets = batch
-    model.train()
 
     def step() -> None:
+        model.train()
+        criterion.train()
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             outputs = model(images, masks, targets)
         losses = criterion(outputs, targets)
@@ -60,6 +75,11 @@ def train_step_time(model, criterion, optimizer, batch, device, bf16: bool, iter
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
         optimizer.step()
 
+    return step
+
+
+def train_step_time(model, criterion, optimizer, batch, device, bf16: bool, iters: int, warmup: int) -> dict:
+    step = make_step(model, criterion, optimizer, batch, device, bf16)
     for _ in range(warmup):
         step()
     sync(device)
@@ -120,6 +140,126 @@ def gpu_benchmarks(args: argparse.Namespace) -> dict:
     return results
 
 
+# DINO vs UGS-DINO: (key, label, override). All three are built from one config and one seed.
+UGS_VARIANTS = (("dino", "DINO (L1 baseline)", "ugs.ablation=l1"),
+                ("ugs_ur_off", "UGS, UR off (ce_in_um)", "ugs.ablation=ce_in_um"),
+                ("ugs_ur_on", "UGS, UR on (full)", "ugs.ablation=full"))
+
+
+def _build_variant(config: str, overrides: list[str], override: str, device: torch.device, seed: int = 0):  # noqa: ANN202
+    cfg = load_config(config, list(overrides) + [override])
+    if override.endswith("=full") and cfg.ugs.ur.weight == 0:
+        raise ValueError(f"{config}: ugs.ur.weight is 0, so the 'UR on' variant would not run UR")
+    torch.manual_seed(seed)
+    model, criterion, _ = build_model(cfg)
+    model.to(device)
+    criterion.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-4)
+    return model, criterion, optimizer, cfg.model.num_classes
+
+
+def ugs_comparison(config: str, overrides: list[str], device: torch.device, batch_size: int, h: int, w: int,
+                   boxes: int, iters: int, warmup: int, max_box: float = 0.03,
+                   variants: tuple = UGS_VARIANTS) -> dict:
+    """Training-step time (median and fastest of alternating steps; on CPU also the process CPU
+    time) and, on CUDA, peak memory of each variant.
+
+    Returns {"setup": {...}, key: {"label", "step_ms", "step_ms_min", "step_ms_all", ["step_cpu_ms"],
+    ["peak_mem_gib"]}, and "<key>_time_ratio" / "_min_time_ratio" / "_cpu_time_ratio" / "_mem_ratio"
+    relative to the first variant (DINO)}.
+    """
+    result: dict = {"setup": {"config": config, "overrides": list(overrides), "batch": batch_size, "h": h, "w": w,
+                              "boxes_per_image": boxes, "iters": iters, "warmup": warmup,
+                              "device": str(device), "msda_backend": ops.backend(),
+                              "threads": torch.get_num_threads()}}
+    if device.type == "cuda":  # peak memory: one variant resident at a time
+        torch.cuda.empty_cache()
+        for key, _label, override in variants:
+            model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
+            batch = make_batch(batch_size, h, w, boxes, device, num_classes, max_box)
+            step = make_step(model, criterion, optimizer, batch, device)
+            for _ in range(max(1, warmup)):
+                step()
+            sync(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            step()
+            sync(device)
+            result[key] = {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
+            del model, criterion, optimizer, batch, step
+            torch.cuda.empty_cache()
+    steps = {}
+    for key, _label, override in variants:
+        model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
+        batch = make_batch(batch_size, h, w, boxes, device, num_classes, max_box)
+        steps[key] = make_step(model, criterion, optimizer, batch, device)
+        for _ in range(warmup):
+            steps[key]()
+    times: dict[str, list[float]] = {key: [] for key in steps}
+    cpu_times: dict[str, list[float]] = {key: [] for key in steps}
+    keys = list(steps)
+    for i in range(iters):
+        for key in keys[i % len(keys):] + keys[:i % len(keys)]:  # rotate the order every step
+            sync(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            steps[key]()
+            sync(device)
+            times[key].append((time.perf_counter() - start) * 1000)
+            cpu_times[key].append((time.process_time() - start_cpu) * 1000)
+    base = variants[0][0]
+    for key, label, _override in variants:
+        entry = result.setdefault(key, {})
+        entry.update({"label": label, "step_ms": statistics.median(times[key]), "step_ms_min": min(times[key]),
+                      "step_ms_all": times[key]})
+        if device.type == "cpu":  # process CPU time: robust to other processes sharing the cores
+            entry["step_cpu_ms"] = statistics.median(cpu_times[key])
+    for key, _label, _override in variants[1:]:
+        result[f"{key}_time_ratio"] = result[key]["step_ms"] / result[base]["step_ms"]
+        # the fastest step is the least disturbed by other processes on a shared machine
+        result[f"{key}_min_time_ratio"] = result[key]["step_ms_min"] / result[base]["step_ms_min"]
+        if device.type == "cpu":
+            result[f"{key}_cpu_time_ratio"] = result[key]["step_cpu_ms"] / result[base]["step_cpu_ms"]
+        if "peak_mem_gib" in result[key]:
+            result[f"{key}_mem_ratio"] = result[key]["peak_mem_gib"] / result[base]["peak_mem_gib"]
+    return result
+
+
+def ugs_table(result: dict, title: str) -> str:
+    """Markdown table of a `ugs_comparison` result."""
+    s = result["setup"]
+    lines = [f"{title}: {s['config']} {' '.join(s['overrides'])}, {s['batch']} x {s['h']}x{s['w']}, "
+             f"{s['boxes_per_image']} boxes/image, median of {s['iters']} alternating steps after {s['warmup']} "
+             f"warm-up, {s['device']}, MSDA backend {s['msda_backend']}",
+             "", "| variant | step time (wall, median) | vs DINO | fastest step | vs DINO | process CPU time | vs DINO "
+             "| peak memory | vs DINO |", "|---|---|---|---|---|---|---|---|---|"]
+    base = UGS_VARIANTS[0][0]
+    for key, label, _ in UGS_VARIANTS:
+        if key not in result:
+            continue
+        r = result[key]
+        t_ratio = "1.000" if key == base else f"{result[f'{key}_time_ratio']:.3f}"
+        b_ratio = "1.000" if key == base else f"{result[f'{key}_min_time_ratio']:.3f}"
+        cpu = f"{r['step_cpu_ms']:.1f} ms" if "step_cpu_ms" in r else "-"
+        c_ratio = ("x1.000" if key == base else f"x{result[f'{key}_cpu_time_ratio']:.3f}") if "step_cpu_ms" in r else "-"
+        mem = f"{r['peak_mem_gib']:.2f} GiB" if "peak_mem_gib" in r else "n/a (CPU)"
+        m_ratio = ("x1.000" if key == base else f"x{result[f'{key}_mem_ratio']:.3f}") if "peak_mem_gib" in r else "-"
+        lines.append(f"| {label} | {r['step_ms']:.1f} ms | x{t_ratio} | {r['step_ms_min']:.1f} ms | x{b_ratio} | {cpu} "
+                     f"| {c_ratio} | {mem} | {m_ratio} |")
+    return "\n".join(lines)
+
+
+def dino_tables(cuda: dict) -> str:
+    """Markdown tables of the DINO-only GPU benchmarks."""
+    lines = [f"DINO-5scale R50 training step, 2 x 800x1333, 20 boxes/image, {cuda['gpu']}, "
+             f"MSDA backend {cuda['msda_backend']}", "",
+             "| setting | step time | peak memory |", "|---|---|---|"]
+    for name, r in cuda["train"].items():
+        lines.append(f"| {name} | {r['step_ms']:.1f} ms | {r.get('peak_mem_gib', float('nan')):.2f} GiB |")
+    lines += ["", "| inference | images/s |", "|---|---|"]
+    lines += [f"| {k} | {v:.2f} |" for k, v in cuda["inference_images_per_s"].items()]
+    return "\n".join(lines)
+
+
 @torch.no_grad()
 def cpu_forward(iters: int) -> dict:
     device = torch.device("cpu")
@@ -143,14 +283,41 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per setting")
     parser.add_argument("--cpu-iters", type=int, default=2)
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU benchmarks")
+    parser.add_argument("--skip-dino", action="store_true", help="skip the DINO-only benchmarks (GPU and CPU)")
+    parser.add_argument("--skip-ugs", action="store_true", help="skip the DINO vs UGS-DINO comparison")
+    parser.add_argument("--ugs-iters", type=int, default=8, help="GPU: timed steps per UGS variant")
+    parser.add_argument("--ugs-warmup", type=int, default=3, help="GPU: untimed steps per UGS variant")
+    parser.add_argument("--cpu-ugs-iters", type=int, default=5, help="CPU: timed steps per UGS variant")
+    parser.add_argument("--cpu-ugs-warmup", type=int, default=1, help="CPU: untimed steps per UGS variant")
+    parser.add_argument("--cpu-ugs-size", type=int, default=128, help="CPU: square input side (dino_tiny)")
     parser.add_argument("--out", type=Path, help="also write the results JSON here (atomically)")
     args = parser.parse_args(argv)
     results: dict = {"torch": torch.__version__}
+    tables: list[str] = []
     if torch.cuda.is_available() and not args.cpu_only:
-        results["cuda"] = gpu_benchmarks(args)
+        device = torch.device("cuda")
+        if not args.skip_dino:
+            results["cuda"] = gpu_benchmarks(args)
+            tables.append(dino_tables(results["cuda"]))
+        if not args.skip_ugs:
+            ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088,
+                                     60, args.ugs_iters, args.ugs_warmup)
+            ugs_gpu["setup"]["gpu"] = torch.cuda.get_device_name(device)
+            results["ugs_cuda"] = ugs_gpu
+            tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, fp32)"))
+            print(tables[-1], flush=True)
     else:
         print("no GPU benchmarks (no CUDA device or --cpu-only)", flush=True)
-    results["cpu"] = cpu_forward(args.cpu_iters)
+    if not args.skip_dino:
+        results["cpu"] = cpu_forward(args.cpu_iters)
+    if not args.skip_ugs:
+        n = args.cpu_ugs_size
+        ugs_cpu = ugs_comparison("dino_tiny", [], torch.device("cpu"), 2, n, n, 10, args.cpu_ugs_iters,
+                                 args.cpu_ugs_warmup, max_box=0.1)
+        results["ugs_cpu"] = ugs_cpu
+        tables.append(ugs_table(ugs_cpu, "DINO vs UGS-DINO training step (CPU, tiny config)"))
+        print(tables[-1], flush=True)
+    print("\n\n".join(tables), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
