@@ -156,9 +156,6 @@ def from_official_args(args: Any, name: str = "official") -> Config:
     official = _as_dict(args)
     unsupported = [f"{k}={official[k]!r} (supported: {v!r})" for k, v in _REQUIRED.items()
                    if k in official and not _same(official[k], v)]
-    nms = official.get("nms_iou_threshold", -1)
-    if nms is not None and nms > 0:
-        unsupported.append(f"nms_iou_threshold={nms!r} (supported: <= 0, i.e. no NMS, the official default)")
     if official.get("param_dict_type", "default") not in ("default", "ddetr_in_mmdet"):
         unsupported.append(f"param_dict_type={official['param_dict_type']!r} "
                            "(supported: 'default', 'ddetr_in_mmdet')")
@@ -176,6 +173,8 @@ def from_official_args(args: Any, name: str = "official") -> Config:
         cfg.model.dn_number = 0
     if official.get("multi_step_lr", False):
         cfg.optim.lr_drop_list = list(official.get("lr_drop_list", []))
+    if official.get("nms_iou_threshold") is not None:  # None/absent: the official default -1 (off)
+        cfg.eval.nms_iou_threshold = float(official["nms_iou_threshold"])
     if "data_aug_scales2_crop" in official:
         cfg.data.crop_min_size, cfg.data.crop_max_size = (int(v) for v in official["data_aug_scales2_crop"])
     if official.get("dataset_file") == "coco":

@@ -68,6 +68,8 @@ class EvalConfig:
     # COCO summaries (AP, AP50, ..., AR) are all computed at this many detections per image.
     max_dets: int = 100
     num_select: int = 300  # top-k of the post-processor (query x class)
+    # Class-agnostic NMS (IoU threshold) after the top-k when > 0; official default -1: off.
+    nms_iou_threshold: float = -1.0
     interval: int = 1  # evaluate every N epochs (and always after the last one)
     backend: Literal["pycocotools", "faster"] = "pycocotools"
     draw_score_threshold: float = 0.3  # detections drawn on the validation pictures
@@ -79,6 +81,8 @@ class EvalConfig:
                               f"{self.max_dets}, {self.num_select}")
         if self.interval < 1:
             raise ConfigError(f"eval.interval must be >= 1, got {self.interval}")
+        if self.nms_iou_threshold > 1:
+            raise ConfigError(f"eval.nms_iou_threshold must be <= 1 (<= 0: no NMS), got {self.nms_iou_threshold}")
 
 
 @dataclass

@@ -2,8 +2,10 @@
 
 `build_dataset(cfg.data, split)` is the only code that reads the data config. Distributed
 training: accelerate shards the DataLoader itself (`accelerator.prepare`), so the samplers here are
-plain Random/Sequential ones; evaluation removes the duplicate samples accelerate pads the last
-batch with via `accelerator.gather_for_metrics` (util/engine.py), not here.
+plain Random/Sequential ones. The duplicate samples accelerate pads the last batch with are removed
+after evaluation, not here: `util.engine.evaluate` gathers each process's {image_id: results} with
+`accelerate.utils.gather_object` and merges them with
+`datasets.coco_eval.merge_predictions(on_conflict="first")`, so every image is scored once.
 """
 from __future__ import annotations
 

@@ -47,6 +47,16 @@ class CocoEvalError(ValueError):
 # --------------------------------------------------------------------------------------------
 # Input normalisation and validation
 # --------------------------------------------------------------------------------------------
+def _read_json(path: Path, what: str) -> Any:
+    """The parsed JSON at `path`; errors name `what` ("results file", ...) and the path."""
+    if not path.is_file():
+        raise CocoEvalError(f"{what} {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CocoEvalError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def load_ground_truth(gt: Any) -> dict:
     """Return the GT as a COCO dataset dict: a copy, with 'info'/'licenses' filled in if absent,
     and per annotation `iscrowd` (default 0) and `area` (default bbox w * h, as for box-only data).
@@ -55,14 +65,7 @@ def load_ground_truth(gt: Any) -> dict:
     faster-coco-eval COCO).
     """
     if isinstance(gt, (str, Path)):
-        path = Path(gt)
-        if not path.is_file():
-            raise CocoEvalError(f"ground-truth file {path} does not exist")
-        try:
-            dataset = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CocoEvalError(f"ground-truth file {path} is not valid JSON: {exc}") from exc
-        source = str(path)
+        dataset, source = _read_json(Path(gt), "ground-truth file"), str(Path(gt))
     elif isinstance(gt, Mapping):
         dataset, source = gt, "<ground-truth dict>"
     elif isinstance(getattr(gt, "dataset", None), Mapping):
@@ -94,14 +97,7 @@ def load_ground_truth(gt: Any) -> dict:
 def load_results(results: Any) -> tuple[list[dict], str]:
     """Return (list of result records, source name) from a path or a list."""
     if isinstance(results, (str, Path)):
-        path = Path(results)
-        if not path.is_file():
-            raise CocoEvalError(f"results file {path} does not exist")
-        try:
-            records = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise CocoEvalError(f"results file {path} is not valid JSON: {exc}") from exc
-        source = str(path)
+        records, source = _read_json(Path(results), "results file"), str(Path(results))
     else:
         records, source = results, "<results list>"
     if not isinstance(records, list):

@@ -34,7 +34,8 @@ def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO: 
 
 
 def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCriterion, PostProcess)
-    """Model, criterion (official weight_dict) and post-processor (top eval.num_select detections);
+    """Model, criterion (official weight_dict) and post-processor (top eval.num_select detections,
+    then NMS at eval.nms_iou_threshold when > 0);
     with `cfg.ugs.enabled`, their UGS versions (models/ugs_build.py)."""
     m = cfg.model
     m.check()
@@ -45,7 +46,7 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
                                      aux_loss=True, denoising=m.dn_number > 0, interm=True,
                                      interm_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss)
     criterion = SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=m.focal_alpha)
-    postprocessor = PostProcess(num_select=cfg.eval.num_select)
+    postprocessor = PostProcess(num_select=cfg.eval.num_select, nms_iou_threshold=cfg.eval.nms_iou_threshold)
     if cfg.ugs.enabled:
         # imported lazily (it imports the ugs package): UGS-DINO and its criterion/post-processor
         from models.ugs_build import build_ugs

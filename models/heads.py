@@ -4,7 +4,8 @@ A box head predicts an unsigmoided delta that is added to the inverse sigmoid of
 box: `boxes = sigmoid(head(hidden) + inverse_sigmoid(reference))` (dino_reference.md section 7).
 The decoder applies it to the un-normalised layer output (the next reference) and `DINO` applies
 it to the normalised hidden state (the prediction). Changing how a box head turns features into
-a delta (e.g. UGS's per-coordinate bin logits) only touches `build_box_head` and `refine_boxes`.
+a delta (e.g. UGS's per-coordinate bin logits) only touches `build_box_head`;
+the arithmetic itself is `apply_box_delta`.
 """
 from __future__ import annotations
 
@@ -49,13 +50,22 @@ def build_box_head(hidden_dim: int) -> MLP:
     return head
 
 
-def refine_boxes(box_head: nn.Module, hidden: Tensor, reference_boxes: Tensor) -> Tensor:
-    """hidden (..., d), reference_boxes (..., 4) cxcywh in [0, 1] -> refined boxes (..., 4) cxcywh.
+def apply_box_delta(delta: Tensor, reference_boxes: Tensor) -> tuple[Tensor, Tensor]:
+    """delta (..., 4) unsigmoided, reference_boxes (..., 4) cxcywh in [0, 1] ->
+    (boxes (..., 4) cxcywh = sigmoid(delta + reference_logit), reference_logit (..., 4)).
 
-    The sum and sigmoid run with autocast off in at least float32: the clamped inverse sigmoid
-    (eps 1e-3) and small deltas do not survive bf16 rounding.
+    The one place the refinement arithmetic lives; `reference_logit` is the clamped
+    inverse_sigmoid of the reference (UGS's two-hot targets are measured from it). The sum and
+    sigmoid run with autocast off in at least float32: the clamped inverse sigmoid (eps 1e-3) and
+    small deltas do not survive bf16 rounding.
     """
-    delta = box_head(hidden)
     dtype = torch.promote_types(torch.promote_types(delta.dtype, reference_boxes.dtype), torch.float32)
     with torch.autocast(device_type=delta.device.type, enabled=False):
-        return (delta.to(dtype) + inverse_sigmoid(reference_boxes.to(dtype))).sigmoid()
+        reference_logit = inverse_sigmoid(reference_boxes.to(dtype))
+        return (delta.to(dtype) + reference_logit).sigmoid(), reference_logit
+
+
+def refine_boxes(box_head: nn.Module, hidden: Tensor, reference_boxes: Tensor) -> Tensor:
+    """hidden (..., d), reference_boxes (..., 4) cxcywh in [0, 1] -> refined boxes (..., 4) cxcywh
+    (`apply_box_delta` of the head's delta)."""
+    return apply_box_delta(box_head(hidden), reference_boxes)[0]

@@ -18,15 +18,14 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
-import torch
 from torch import Tensor
 
 import ugs
 from models.decoder import Decoder, DecoderInputs
 from models.dino import DINO
+from models.heads import apply_box_delta
 from models.query_selection import SelectedQueries
 from models.ugs_head import DistributionBoxHead, distribution_outputs
-from util.box_ops import inverse_sigmoid
 
 # |inverse_sigmoid| never exceeds this (eps 1e-3, util/box_ops.py)
 MAX_REFERENCE_LOGIT = math.log((1 - 1e-3) / 1e-3)
@@ -109,14 +108,11 @@ class UGSDINO(DINO):
     def box_outputs(self, layer: int, hidden: Tensor, reference_boxes: Tensor) -> dict[str, Tensor]:
         """DINO's refined boxes decoded from the bin logits, plus the fields the UGS losses need:
         pred_box_logits (B, T, 4, n+1) and ref_boxes_logit (B, T, 4) (detached). The head runs
-        once; the arithmetic is `models.heads.refine_boxes`'s."""
+        once; the arithmetic is `models.heads.apply_box_delta`."""
         head = self.bbox_embed[layer]
         logits = head.bin_logits(hidden)
         delta = ugs.expectation(logits, head.grid)  # (B, T, 4), at least float32
-        dtype = torch.promote_types(torch.promote_types(delta.dtype, reference_boxes.dtype), torch.float32)
-        with torch.autocast(device_type=delta.device.type, enabled=False):
-            ref_logit = inverse_sigmoid(reference_boxes.to(dtype))
-            boxes = (delta.to(dtype) + ref_logit).sigmoid()
+        boxes, ref_logit = apply_box_delta(delta, reference_boxes)
         return {"pred_boxes": boxes, "pred_box_logits": logits, "ref_boxes_logit": ref_logit.detach()}
 
     def interm_box_outputs(self, selected: SelectedQueries) -> dict[str, Tensor]:

@@ -289,3 +289,28 @@ def test_from_official_args(shared):
     assert from_official_args(dict(official, use_dn=False)).model.dn_number == 0
     with pytest.raises(TypeError):
         from_official_args(["not", "args"])
+
+
+def test_official_nms_option_reaches_the_post_processor_and_suppresses_duplicates(shared):
+    official = json.loads((shared / "fixtures" / "dino_official_tiny" / "config.json").read_text())
+    assert from_official_args(dict(official, nms_iou_threshold=None)).eval.nms_iou_threshold == -1.0
+    cfg = from_official_args(dict(official, nms_iou_threshold=0.5))
+    assert cfg.eval.nms_iou_threshold == 0.5
+    cfg.eval.num_select = 3
+    _, _, post = build_model(cfg)
+    assert post.nms_iou_threshold == 0.5
+    # query 1 is a near-duplicate of query 0 (IoU 0.9) with a lower score, query 2 is elsewhere
+    logits = torch.full((1, 3, cfg.model.num_classes), -10.0)
+    logits[0, :, 1] = torch.tensor([3.0, 2.0, 1.0])
+    boxes = torch.tensor([[[0.5, 0.5, 0.2, 0.2], [0.51, 0.5, 0.18, 0.2], [0.1, 0.1, 0.1, 0.1]]])
+    sizes = torch.tensor([[100, 100]])
+    kept = post({"pred_logits": logits, "pred_boxes": boxes}, sizes)[0]
+    assert kept["query_index"].tolist() == [0, 2]
+    cfg.eval.nms_iou_threshold = -1.0
+    assert build_model(cfg)[2]({"pred_logits": logits, "pred_boxes": boxes}, sizes)[0]["query_index"].tolist() \
+        == [0, 1, 2]
+    cfg.ugs.enabled, cfg.eval.nms_iou_threshold = True, 0.5
+    ugs_post = build_model(cfg)[2]
+    assert type(ugs_post).__name__ == "UGSPostProcess" and ugs_post.nms_iou_threshold == 0.5
+    with pytest.raises(ConfigError, match="eval.nms_iou_threshold"):
+        load_config("dino_tiny", ["eval.nms_iou_threshold=1.5"])

@@ -142,8 +142,10 @@ def test_expectation_zero_logits_decode_to_zero_and_matches_manual():
     z = torch.randn(5, 17, dtype=F64, generator=torch.Generator().manual_seed(1))
     p = torch.exp(z) / torch.exp(z).sum(-1, keepdim=True)
     assert torch.allclose(ugs.expectation(z, g), (p * g).sum(-1), atol=1e-14, rtol=0)
-    with pytest.raises(ValueError, match="grid size"):
+    with pytest.raises(ValueError, match="expectation: .* grid size 17"):
         ugs.expectation(torch.zeros(2, 5), g)
+    with pytest.raises(ValueError, match="uncertainty: .* grid size 17"):
+        ugs.uncertainty(torch.zeros(2, 5), g)
 
 
 def test_ce_gradient_is_p_minus_q_and_bounded():

@@ -45,7 +45,8 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 import ugs  # noqa: E402
-from tools.target_stats import BUCKETS, image_sizes_hw, size_bucket, take  # noqa: E402
+from tools.target_stats import (BUCKETS, batch_to, image_sizes_hw, optimizer_step, size_bucket,  # noqa: E402
+                                take, weighted_total)
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, inverse_sigmoid  # noqa: E402
 
 
@@ -217,17 +218,12 @@ def run(config: str, overrides: list[str], iters: int, variant: str = "full", wa
         for i, (images, masks, targets) in enumerate(tqdm(batches, desc=name, disable=not progress,
                                                           mininterval=5)):
             torch.manual_seed(seed * 100_003 + i)  # the same denoising noise in both runs
-            images, masks = images.to(dev), masks.to(dev)
-            targets = [{k: v.to(dev) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+            images, masks, targets = batch_to(images, masks, targets, dev)
             losses, norms = bucket_grad_norms(model, crit, images, masks, targets, include_giou, include_um)
-            total = sum(losses[k] * w for k, w in crit.weight_dict.items() if k in losses and w)
+            total = weighted_total(losses, crit.weight_dict)
             if not torch.isfinite(total):
                 raise RuntimeError(f"gradvar: non-finite {name} loss at iteration {i}")
-            optimizer.zero_grad(set_to_none=True)
-            total.backward()
-            if cfg.optim.clip_max_norm > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-            optimizer.step()
+            optimizer_step(model, optimizer, total, cfg.optim.clip_max_norm)
             if i >= warmup:
                 for b, v in zip(BUCKETS, norms):
                     rec[b].append(v)

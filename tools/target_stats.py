@@ -121,8 +121,7 @@ def collect_targets(model: torch.nn.Module, criterion: torch.nn.Module, batches:
     criterion.train()
     acc: dict[str, dict[str, list[Tensor]]] = {}
     for images, masks, targets in batches:
-        images, masks = images.to(device), masks.to(device)
-        targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+        images, masks, targets = batch_to(images, masks, targets, device)
         outputs, refs = _layer_references(model, images, masks, targets)
         _, indices = criterion(outputs, targets, return_indices=True)
         num_layers = len(outputs.get("aux_outputs") or []) + 1
@@ -212,6 +211,29 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def batch_to(images: Tensor, masks: Tensor, targets: list[dict], device: torch.device
+             ) -> tuple[Tensor, Tensor, list[dict]]:
+    """A collated batch on `device` (the targets' tensors moved, their other values kept)."""
+    targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+    return images.to(device), masks.to(device), targets
+
+
+def weighted_total(loss_dict: dict[str, Tensor], weight_dict: dict[str, float]) -> Tensor:
+    """sum(loss[k] * w[k]) over the losses with a non-zero weight (a zero-weighted diagnostic term
+    cannot make the total non-finite)."""
+    return sum(loss_dict[k] * w for k, w in weight_dict.items() if k in loss_dict and w)
+
+
+def optimizer_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, total: Tensor,
+                   clip_max_norm: float) -> None:
+    """zero_grad -> backward -> clip the gradient norm when clip_max_norm > 0 -> step."""
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if clip_max_norm > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_max_norm)
+    optimizer.step()
+
+
 def train_steps(model, criterion, cfg, loader, steps: int, device: torch.device) -> list[float]:  # noqa: ANN001
     """A short training run (AdamW of the config, clipping, the model's own weighted loss) so the
     targets can be measured on a model that has started to fit. Returns the loss per step."""
@@ -230,18 +252,13 @@ def train_steps(model, criterion, cfg, loader, steps: int, device: torch.device)
         except StopIteration:
             it = iter(loader)
             images, masks, targets = next(it)
-        images, masks = images.to(device), masks.to(device)
-        targets = [{k: v.to(device) if isinstance(v, Tensor) else v for k, v in t.items()} for t in targets]
+        images, masks, targets = batch_to(images, masks, targets, device)
         out = model(images, masks, targets)
         loss_dict = criterion(out, targets)
-        total = sum(loss_dict[k] * w for k, w in criterion.weight_dict.items() if k in loss_dict and w)
+        total = weighted_total(loss_dict, criterion.weight_dict)
         if not torch.isfinite(total):
             raise RuntimeError(f"target_stats: non-finite training loss at step {len(losses)}")
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.optim.clip_max_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_max_norm)
-        optimizer.step()
+        optimizer_step(model, optimizer, total, cfg.optim.clip_max_norm)
         losses.append(float(total))
     return losses
 

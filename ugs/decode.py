@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ugs.grid import check_grid
+from ugs.grid import check_bin_logits
 from ugs.targets import compute_dtype
 
 
@@ -15,10 +15,7 @@ def expectation(logits: Tensor, grid: Tensor) -> Tensor:
     logits are upcast) and the result keeps that dtype. Differentiable in the logits; this is what
     box decoding, matching and GIoU use. Zero logits over a symmetric grid decode to 0.
     """
-    check_grid(grid)
-    if logits.shape[-1] != grid.numel():
-        raise ValueError(f"expectation: logits' last dim {logits.shape[-1]} != grid size "
-                         f"{grid.numel()} (intervals + 1)")
+    check_bin_logits(logits, grid, "expectation")
     dtype = compute_dtype(logits, grid)
     p = torch.softmax(logits.to(dtype), dim=-1)
     return (p * grid.to(device=logits.device, dtype=dtype)).sum(dim=-1)

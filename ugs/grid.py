@@ -72,3 +72,11 @@ def check_grid(grid: Tensor, name: str = "grid") -> None:
         raise ValueError(f"{name}: expected a 1-D tensor of intervals+1 >= 2 points, got {shape}")
     if not grid.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point tensor, got {grid.dtype}")
+
+
+def check_bin_logits(logits: Tensor, grid: Tensor, caller: str) -> None:
+    """Raise unless `grid` is valid and `logits` (..., n+1) has one logit per grid point."""
+    check_grid(grid)
+    if logits.shape[-1] != grid.numel():
+        raise ValueError(f"{caller}: logits' last dim {logits.shape[-1]} != grid size "
+                         f"{grid.numel()} (intervals + 1)")

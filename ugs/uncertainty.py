@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ugs.grid import check_grid
+from ugs.grid import check_bin_logits
 from ugs.losses import um_loss
 from ugs.targets import compute_dtype
 
@@ -16,10 +16,7 @@ def uncertainty(logits: Tensor, grid: Tensor) -> tuple[Tensor, Tensor]:
     std = sqrt(sum_i p_i (g_i - d)^2) with d the expectation (centred form: never negative).
     Entropy lies in [0, log(n+1)]; for DINO boxes the std is in logit space (see box_std_pixels).
     """
-    check_grid(grid)
-    if logits.shape[-1] != grid.numel():
-        raise ValueError(f"uncertainty: logits' last dim {logits.shape[-1]} != grid size "
-                         f"{grid.numel()} (intervals + 1)")
+    check_bin_logits(logits, grid, "uncertainty")
     dtype = compute_dtype(logits, grid)
     p = torch.softmax(logits.to(dtype), dim=-1)
     g = grid.to(device=logits.device, dtype=dtype)
