@@ -26,6 +26,15 @@ pytestmark = [pytest.mark.cuda,
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
+@pytest.fixture(params=["v1", "v2"])
+def bwd_variant(request, monkeypatch):
+    """Every backward check runs with both backward kernels: the default (v1) and the opt-in
+    shared-memory slab reduction (MSDA_CUDA_BWD=v2, ops/csrc/msda_backward_v2.cuh). The extension
+    reads the variable at each backward call."""
+    monkeypatch.setenv("MSDA_CUDA_BWD", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def ext():
     from ops.build import load_extension
@@ -111,7 +120,7 @@ SHAPES_MIXED = [(6, 5), (3, 7), (1, 1), (2, 9)]  # non-square maps and a 1x1 lev
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 40, 64, 65, 256])
-def test_channels_and_dtypes(ext, dtype, d):
+def test_channels_and_dtypes(ext, bwd_variant, dtype, d):
     """Every vector width (1/2/4/8 channels), odd D, idle lanes (D=40 float32: 5 vectors on 8 lanes)
     and several vectors per thread (D=65: 65 single channels on 32 lanes; D=256 float64: 64 on 32)."""
     check(ext, make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=d, p=3, dtype=dtype, seed=d))
@@ -120,7 +129,7 @@ def test_channels_and_dtypes(ext, dtype, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loc_dtype,attn_dtype", [(torch.float32, torch.float32),
                                                   (torch.float32, None), (None, torch.float32)])
-def test_half_value_with_float32_locations(ext, dtype, loc_dtype, attn_dtype):
+def test_half_value_with_float32_locations(ext, bwd_variant, dtype, loc_dtype, attn_dtype):
     """Mixed precision: locations and/or weights kept in float32 by autocast-aware callers."""
     c = make_case(SHAPES_MIXED, n=2, lq=9, m=2, d=16, p=4, dtype=dtype, loc_dtype=loc_dtype or dtype,
                   attn_dtype=attn_dtype or dtype, seed=7)
@@ -129,7 +138,7 @@ def test_half_value_with_float32_locations(ext, dtype, loc_dtype, attn_dtype):
 
 @pytest.mark.parametrize("cap", ["1", "2", "4"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_vector_width_cap(ext, monkeypatch, dtype, cap):
+def test_vector_width_cap(ext, bwd_variant, monkeypatch, dtype, cap):
     """MSDA_CUDA_MAX_VECTOR selects narrower per-thread vectors (more threads per pair): same results."""
     monkeypatch.setenv("MSDA_CUDA_MAX_VECTOR", cap)
     check(ext, make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=32, p=3, dtype=dtype, seed=21))
@@ -142,7 +151,7 @@ def test_vector_width_cap_rejects_bad_values(ext, monkeypatch):
         ext.forward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"])
 
 
-def test_float64_value_with_float32_locations(ext):
+def test_float64_value_with_float32_locations(ext, bwd_variant):
     """Policy allows float32 locations/weights with any value dtype; float64 values upcast them."""
     c = make_case(SHAPES_MIXED, n=2, lq=9, m=2, d=8, p=3, dtype=torch.float64, loc_dtype=torch.float32, seed=8)
     check(ext, c, tol=1e-6)  # the location/weight gradients come back rounded to float32
@@ -151,24 +160,24 @@ def test_float64_value_with_float32_locations(ext):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("p", [1, 2, 8])
 @pytest.mark.parametrize("m", [1, 8])
-def test_points_and_heads(ext, dtype, p, m):
+def test_points_and_heads(ext, bwd_variant, dtype, p, m):
     check(ext, make_case([(7, 9), (4, 5), (2, 3)], n=1, lq=20, m=m, d=8, p=p, dtype=dtype, seed=p * 10 + m))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_many_points_smaller_blocks(ext, dtype):
+def test_many_points_smaller_blocks(ext, bwd_variant, dtype):
     """L*P = 128: the per-block staging buffer no longer fits 256 threads; blocks shrink."""
     check(ext, make_case([(9, 7), (3, 4)], n=2, lq=6, m=2, d=32, p=64, dtype=dtype, seed=3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_many_points_unstaged(ext, dtype):
+def test_many_points_unstaged(ext, bwd_variant, dtype):
     """L*P = 3*48: even one warp's staging exceeds shared memory; locations are read from global."""
     check(ext, make_case([(5, 6), (3, 3), (1, 2)], n=2, lq=5, m=2, d=2, p=48, dtype=dtype, seed=4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_far_outside_and_grid_points(ext, dtype):
+def test_far_outside_and_grid_points(ext, bwd_variant, dtype):
     """Locations on exact pixel centres and edges (power-of-two maps: x * W - 0.5 is exact), at
     x * W - 0.5 == -1 and == W - 1, and far outside (1e6, -1e6); float64 and float32."""
     shapes = [(4, 8), (2, 4)]
@@ -184,13 +193,13 @@ def test_far_outside_and_grid_points(ext, dtype):
     check(ext, c)
 
 
-def test_encoder_like_shape_float32(ext):
+def test_encoder_like_shape_float32(ext, bwd_variant):
     """A scaled-down DINO encoder call (many blocks, 4 levels, 8 heads, D=32, P=4)."""
     shapes = [(50, 84), (25, 42), (13, 21), (7, 11)]
     check(ext, make_case(shapes, n=2, lq=3000, m=8, d=32, p=4, dtype=torch.float32, seed=12))
 
 
-def test_misaligned_value_pointer(ext):
+def test_misaligned_value_pointer(ext, bwd_variant):
     """value starting 4 bytes past an allocation: the vector width must drop, results unchanged."""
     c = make_case(SHAPES_MIXED, n=2, lq=7, m=2, d=8, p=2, dtype=torch.float32, seed=13)
     flat = torch.empty(c["value"].numel() + 1, device="cuda", dtype=torch.float32)
@@ -201,7 +210,7 @@ def test_misaligned_value_pointer(ext):
     check(ext, c)
 
 
-def test_empty_queries(ext):
+def test_empty_queries(ext, bwd_variant):
     c = make_case(SHAPES_MIXED, n=2, lq=0, m=2, d=8, p=2, dtype=torch.float32)
     out = ext.forward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"])
     gv, gl, ga = ext.backward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], c["grad"])
@@ -218,7 +227,7 @@ def test_forward_is_deterministic(ext):
 
 @pytest.mark.parametrize("dtype,loc_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                              (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
-def test_public_op_non_contiguous(dtype, loc_dtype):
+def test_public_op_non_contiguous(bwd_variant, dtype, loc_dtype):
     """ops.ms_deform_attn on CUDA: non-contiguous views, autograd through the registered op,
     backend() reports the CUDA kernels."""
     c = make_case(SHAPES_MIXED, n=2, lq=10, m=4, d=8, p=3, dtype=dtype, loc_dtype=loc_dtype, seed=15)
@@ -245,3 +254,43 @@ def test_public_op_non_contiguous(dtype, loc_dtype):
     assert_close("grad_value", grads[0], ref_gv, tol)
     assert_close("grad_sampling_locations", grads[1], ref_gl, tol)
     assert_close("grad_attention_weights", grads[2], ref_ga, tol)
+
+
+def test_backward_variant_rejects_bad_values(ext, monkeypatch):
+    c = make_case(SHAPES_MIXED, n=1, lq=3, m=2, d=8, p=2, dtype=torch.float32)
+    monkeypatch.setenv("MSDA_CUDA_BWD", "v3")
+    with pytest.raises(RuntimeError, match="MSDA_CUDA_BWD"):
+        ext.backward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], c["grad"])
+    monkeypatch.setenv("MSDA_CUDA_BWD", "v2")
+    monkeypatch.setenv("MSDA_CUDA_BWD_SLAB_KB", "lots")
+    with pytest.raises(RuntimeError, match="MSDA_CUDA_BWD_SLAB_KB"):
+        ext.backward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], c["grad"])
+
+
+@pytest.mark.parametrize("slab_kb,tile", [("0", None), ("16", "1"), ("200", None), ("48", "5")])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_backward_v2_slab_budget_and_tiles(ext, monkeypatch, dtype, slab_kb, tile):
+    """v2 with no slab (all global atomics), a slab holding only the coarse levels, a slab beyond the
+    48 KB default (opt-in shared memory; capped at the device's limit) and query tiles of one step
+    or not a multiple of the pairs per block (rounded up)."""
+    monkeypatch.setenv("MSDA_CUDA_BWD", "v2")
+    monkeypatch.setenv("MSDA_CUDA_BWD_SLAB_KB", slab_kb)
+    if tile is not None:
+        monkeypatch.setenv("MSDA_CUDA_BWD_TILE", tile)
+    shapes = [(50, 84), (25, 42), (13, 21), (7, 11)]
+    check(ext, make_case(shapes, n=2, lq=700, m=4, d=32, p=4, dtype=dtype, seed=31))
+
+
+def test_backward_v2_matches_v1_encoder_like(ext, monkeypatch):
+    """Both variants on a scaled-down encoder call in float32: the same gradients up to summation
+    order of the value-gradient atomics (location / weight gradients use the same arithmetic)."""
+    c = make_case([(50, 84), (25, 42), (13, 21), (7, 11)], n=2, lq=3000, m=8, d=32, p=4,
+                  dtype=torch.float32, seed=12)
+    grads = {}
+    for variant in ("v1", "v2"):
+        monkeypatch.setenv("MSDA_CUDA_BWD", variant)
+        grads[variant] = ext.backward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], c["grad"])
+    torch.cuda.synchronize()
+    for i, name in enumerate(("grad_value", "grad_sampling_locations", "grad_attention_weights")):
+        a, b = grads["v1"][i].double(), grads["v2"][i].double()
+        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), name

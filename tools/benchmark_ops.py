@@ -7,6 +7,10 @@
 Implementations (absent ones are skipped with a note):
   ours               ops.ms_deform_attn (CUDA kernels of ops/csrc, or the CPU path with --device cpu)
   ours-v4            ours with MSDA_CUDA_MAX_VECTOR=4 (at most 4 channels per thread; CUDA only)
+  ours-bwd-v2        ours with MSDA_CUDA_BWD=v2: backward reducing coarse-level value gradients in shared
+                     memory (ops/csrc/msda_backward_v2.cuh; CUDA only)
+  ours-bwd-v2-big    ours-bwd-v2 with MSDA_CUDA_BWD_SLAB_KB=200 (opt-in shared memory: the 25x42 level in
+                     the slab too, capped at the device's limit; CUDA only)
   pytorch            ops.ms_deform_attn_reference (plain PyTorch, grid_sample per level)
   original           the Deformable-DETR CUDA op (--msda-original DIR or $MSDA_ORIGINAL_DIR; float32 only)
   deformops-triton   deformops (--deformops-wheel WHEEL or $DEFORMOPS_WHEEL, or already importable)
@@ -87,30 +91,36 @@ def make_inputs(kind: str, levels, batch: int, heads: int, channels: int, points
 
 
 # ---- implementations ------------------------------------------------------------------------------
-def ours(device: str) -> Impl:
+# The kernel switches of ops/csrc, read by the extension at every forward / backward call.
+KERNEL_ENV = ("MSDA_CUDA_MAX_VECTOR", "MSDA_CUDA_BWD", "MSDA_CUDA_BWD_SLAB_KB", "MSDA_CUDA_BWD_TILE")
+
+
+def ours(device: str, env: dict[str, str] | None = None) -> Impl:
+    """Our op with the kernel switches in `env` set and all others unset (the defaults).
+
+    The switches are set at every call and left set: the backward runs after the call returns
+    (`.backward()`), and it must see the same choice as the forward. Each implementation sets its
+    own before its calls, so the rows do not leak settings into each other."""
     backend = "cuda" if device == "cuda" else "cpu"
+    settings = {k: (env or {}).get(k) for k in KERNEL_ENV}
 
     def run(value, spatial, starts, loc, attn):
+        for key, val in settings.items():
+            if val is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = val
         ops.set_backend(backend)
         return ops.ms_deform_attn(value, spatial, starts, loc, attn)
     return run
 
 
-def ours_capped(device: str, cap: str) -> Impl:
-    """Ours with MSDA_CUDA_MAX_VECTOR=cap: narrower per-thread vectors (an A/B of the work split)."""
-    inner = ours(device)
-
-    def run(*args):
-        old = os.environ.get("MSDA_CUDA_MAX_VECTOR")
-        os.environ["MSDA_CUDA_MAX_VECTOR"] = cap
-        try:
-            return inner(*args)
-        finally:
-            if old is None:
-                os.environ.pop("MSDA_CUDA_MAX_VECTOR", None)
-            else:
-                os.environ["MSDA_CUDA_MAX_VECTOR"] = old
-    return run
+# CUDA-only variants of ours: name -> kernel switches
+OUR_VARIANTS = {
+    "ours-v4": {"MSDA_CUDA_MAX_VECTOR": "4"},
+    "ours-bwd-v2": {"MSDA_CUDA_BWD": "v2"},
+    "ours-bwd-v2-big": {"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "200"},
+}
 
 
 def plain_pytorch(value, spatial, starts, loc, attn):
@@ -270,8 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     impls: dict[str, Impl] = {}
     if "ours" in wanted:
         impls["ours"] = ours(device)
-    if device == "cuda" and "ours-v4" in wanted:
-        impls["ours-v4"] = ours_capped(device, "4")
+    for name, env in OUR_VARIANTS.items():
+        if device == "cuda" and name in wanted:
+            impls[name] = ours(device, env)
     if "pytorch" in wanted:
         impls["pytorch"] = plain_pytorch
     if device == "cuda" and "original" in wanted:

@@ -109,8 +109,9 @@ else
     | tee -a "$OUT/steps.txt"
 fi
 
-# 4. op benchmark: ours, plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
-step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda --impls ours,ours-v4,pytorch,original \
+# 4. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
+step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda \
+  --impls ours,ours-v4,ours-bwd-v2,ours-bwd-v2-big,pytorch,original \
   --msda-original .gpu_carry/msda_original --write-docs --docs-path "$OUT/benchmarks.md" \
   --partial "$OUT/bench_ops_partial.md" --json "$OUT/bench_ops.json"
 

@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -58,6 +59,8 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v) {
   g.levels = static_cast<int>(levels);
   g.points = static_cast<int>(points);
   g.chunks = static_cast<int>(d / v);
+  g.tile = 0;  // backward v2 only
+  g.slab_capacity = 0;
   int group = 1;
   while (group < g.chunks && group < 32) group *= 2;
   g.group = group;
@@ -72,6 +75,55 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v) {
   lp.threads = threads;
   lp.smem = g.stage ? table + per_pair * (threads / group) : table;
   return lp;
+}
+
+// Backward kernel choice, read at every call: MSDA_CUDA_BWD unset / "v1" (default) or "v2" (opt-in,
+// msda_backward_v2.cuh).
+int backward_variant() {
+  const char* env = std::getenv("MSDA_CUDA_BWD");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v1") == 0) return 1;
+  TORCH_CHECK(std::strcmp(env, "v2") == 0, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got '", env, "'");
+  return 2;
+}
+
+int env_int(const char* name, int fallback, int lo, int hi) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || env[0] == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  TORCH_CHECK(end != env && *end == '\0' && v >= lo && v <= hi, name, " must be an integer in [", lo, ", ", hi,
+              "], got '", env, "'");
+  return static_cast<int>(v);
+}
+
+// Backward v2 geometry: blocks of one (batch, head) and g.tile queries; the tile is sized for about
+// 4 blocks per SM (at most 16 passes of the block over its pairs), MSDA_CUDA_BWD_TILE overrides it.
+// Dynamic shared memory: MSDA_CUDA_BWD_SLAB_KB (default 48, no opt-in needed; capped by the device's
+// opt-in limit) for the level table plus the slab.
+void plan_backward_v2(Launch& lp, const at::Tensor& value) {
+  Geometry& g = lp.g;
+  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
+  const int ppb = lp.threads / g.group;
+  const int64_t nh = g.pairs / g.lq;
+  const int64_t target_blocks = 4 * static_cast<int64_t>(prop->multiProcessorCount);
+  const int64_t tiles_wanted = std::max<int64_t>(1, (target_blocks + nh - 1) / nh);
+  int64_t tile = (g.lq + tiles_wanted - 1) / tiles_wanted;
+  tile = std::min<int64_t>(std::max<int64_t>(tile, ppb), 16 * static_cast<int64_t>(ppb));
+  tile = env_int("MSDA_CUDA_BWD_TILE", static_cast<int>(tile), 1, 1 << 30);
+  tile = std::min<int64_t>(tile, g.lq);  // keeps q_begin + tile in int range
+  g.tile = static_cast<int>((tile + ppb - 1) / ppb * ppb);
+  g.stage = 0;
+
+  const size_t acc_size = value.scalar_type() == at::kDouble ? 8 : 4;
+  const size_t table = v2_table_bytes(g.levels);
+  const size_t optin = prop->sharedMemPerBlockOptin;
+  const size_t slab_kb = static_cast<size_t>(env_int("MSDA_CUDA_BWD_SLAB_KB", 48, 0, 1 << 20));
+  const size_t budget = std::min<size_t>(optin, slab_kb * 1024);
+  TORCH_CHECK(table <= optin, "ms_deform_attn CUDA: too many levels (", g.levels, ")");
+  const size_t slab_bytes = budget > table ? (budget - table) / acc_size * acc_size : 0;
+  g.slab_capacity = static_cast<int64_t>(slab_bytes / acc_size);
+  lp.smem = table + slab_bytes;
+  lp.variant = 2;
 }
 
 template <typename T>
@@ -181,7 +233,11 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& value, const at::Tensor&
   auto grad_attn = at::empty_like(attention_weights);
   if (grad_output.numel() > 0 && value.numel() > 0) {
     const int v = pick_vector(value, &grad_output);
-    const Launch lp = plan(value, sampling_locations, v);
+    Launch lp = plan(value, sampling_locations, v);
+    if (detail::backward_variant() == 2) {
+      lp.threads = detail::kBlockThreads;
+      detail::plan_backward_v2(lp, value);
+    }
     dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
              BackwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations,
                             attention_weights, grad_output, grad_value, grad_loc, grad_attn});

@@ -26,6 +26,10 @@
 // gradient is scattered with atomicAdd into a float32 (float64 for float64) buffer, one 16-byte
 // vector atomic per 4 channels and corner on sm_90 (float4 / float2 atomicAdd), scalar atomics elsewhere; for
 // half types that buffer is cast to the value dtype at the end.
+//
+// Backward v2 (opt-in, MSDA_CUDA_BWD=v2, not yet measured on a GPU): blocks of one (batch, head) and
+// a tile of queries reduce the coarse levels' value gradients in shared memory first; see
+// msda_backward_v2.cuh.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -138,6 +142,13 @@ __device__ inline void atomic_add_pack(acc_t* dst, acc_t weight, const acc_t (&g
 #pragma unroll
     for (int j = 0; j < V; ++j) atomicAdd(dst + j, weight * go[j]);
   }
+}
+
+// Value-gradient contributions into a shared-memory slab (backward v2): scalar shared atomics.
+template <int V, typename acc_t>
+__device__ inline void shared_add_pack(acc_t* dst, acc_t weight, const acc_t (&go)[V]) {
+#pragma unroll
+  for (int j = 0; j < V; ++j) atomicAdd(dst + j, weight * go[j]);
 }
 
 template <typename acc_t>
@@ -319,6 +330,14 @@ __global__ void __launch_bounds__(kBlockThreads)
   }
 }
 
+}  // namespace detail
+}  // namespace msda
+
+#include "msda_backward_v2.cuh"  // the opt-in backward (MSDA_CUDA_BWD=v2); uses the helpers above
+
+namespace msda {
+namespace detail {
+
 template <typename T, typename TL, int V>
 cudaError_t launch_forward(const Launch& lp, const T* value, const int64_t* shapes, const int64_t* starts,
                            const TL* loc, const TL* attn, T* out, cudaStream_t stream) {
@@ -333,6 +352,10 @@ cudaError_t launch_backward(const Launch& lp, const T* value, const int64_t* sha
                             const TL* loc, const TL* attn, const T* grad_out, AccT* grad_value, TL* grad_loc,
                             TL* grad_attn, cudaStream_t stream) {
   static_assert(std::is_same<AccT, typename Acc<T>::type>::value, "grad_value must be the accumulation type");
+  if (lp.variant == 2) {
+    return launch_backward_v2<T, TL, V>(lp, value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc,
+                                        grad_attn, stream);
+  }
   const int pairs_per_block = lp.threads / lp.g.group;
   const int64_t blocks = (lp.g.pairs + pairs_per_block - 1) / pairs_per_block;
   backward_kernel<T, TL, V><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, grad_out,

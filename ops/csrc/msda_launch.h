@@ -23,14 +23,21 @@ struct Geometry {
   int group;           // G threads per pair (power of two <= 32)
   int chunks;          // D / V
   int stage;           // 1: locations/weights staged in shared memory
+  // backward v2 only (msda_backward_v2.cuh)
+  int tile;                // queries per block
+  int64_t slab_capacity;   // shared-memory slab size in accumulation-type elements
 };
 
 __host__ __device__ inline size_t align16(size_t bytes) { return (bytes + 15) / 16 * 16; }
+
+// Backward v2 shared memory: a level table of 4 ints per level plus one int, then the slab.
+__host__ __device__ inline size_t v2_table_bytes(int levels) { return align16(sizeof(int) * (4 * levels + 1)); }
 
 struct Launch {
   Geometry g;
   int threads;
   size_t smem;
+  int variant = 1;  // backward kernel: 1 (default) or 2 (MSDA_CUDA_BWD=v2)
 };
 
 // The launchers take raw pointers (no ATen headers in the kernel translation units: they compile
