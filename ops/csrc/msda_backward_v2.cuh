@@ -109,46 +109,28 @@ __global__ void __launch_bounds__(kBlockThreads)
           const acc_t px = x * w - acc_t(0.5);
           const acc_t py = y * h - acc_t(0.5);
           if (px >= acc_t(-1) && py >= acc_t(-1) && px < acc_t(w) && py < acc_t(h)) {
-            const acc_t fx0 = floor(px), fy0 = floor(py);
-            const int x0 = static_cast<int>(fx0), y0 = static_cast<int>(fy0);
-            const acc_t fx = px - fx0, fy = py - fy0;
-            const bool xl = x0 >= 0, xr = x0 + 1 < w, yt = y0 >= 0, yb = y0 + 1 < h;
-            const int r00 = y0 * w + x0;  // row of the top-left corner within the level
-            const int64_t o00 = level_off + static_cast<int64_t>(r00) * md;
-            const int64_t o01 = o00 + md, o10 = o00 + static_cast<int64_t>(w) * md, o11 = o10 + md;
-            const int s00 = soff >= 0 ? soff + r00 * sd : 0, s01 = s00 + sd, s10 = s00 + w * sd, s11 = s10 + sd;
-            const acc_t w00 = (1 - fx) * (1 - fy), w01 = fx * (1 - fy), w10 = (1 - fx) * fy, w11 = fx * fy;
+            const Corners<acc_t> q = bilinear_corners<acc_t>(px, py, h, w, level_off, md);
+            const int s00 = soff >= 0 ? soff + q.row * sd : 0, s01 = s00 + sd, s10 = s00 + w * sd, s11 = s10 + sd;
             for (int c = lane; c < g.chunks; c += g.group) {
               const int co = c * V;
-              acc_t go[V], v00[V], v01[V], v10[V], v11[V];
+              acc_t go[V];
               if (one_chunk) {
 #pragma unroll
                 for (int j = 0; j < V; ++j) go[j] = go_own[j];
               } else {
                 load_pack<T, V, acc_t>(gobase + co, go);
               }
-#pragma unroll
-              for (int j = 0; j < V; ++j) v00[j] = v01[j] = v10[j] = v11[j] = acc_t(0);
-              if (yt && xl) load_pack<T, V, acc_t>(vbase + o00 + co, v00);
-              if (yt && xr) load_pack<T, V, acc_t>(vbase + o01 + co, v01);
-              if (yb && xl) load_pack<T, V, acc_t>(vbase + o10 + co, v10);
-              if (yb && xr) load_pack<T, V, acc_t>(vbase + o11 + co, v11);
-#pragma unroll
-              for (int j = 0; j < V; ++j) {
-                gw += go[j] * (w00 * v00[j] + w01 * v01[j] + w10 * v10[j] + w11 * v11[j]);
-                gx += go[j] * ((1 - fy) * (v01[j] - v00[j]) + fy * (v11[j] - v10[j]));
-                gy += go[j] * ((1 - fx) * (v10[j] - v00[j]) + fx * (v11[j] - v01[j]));
-              }
+              accumulate_point_grads<T, V, acc_t>(vbase, co, q, go, gw, gx, gy);
               if (soff >= 0) {
-                if (yt && xl) shared_add_pack<V, acc_t>(slab + s00 + co, aw * w00, go);
-                if (yt && xr) shared_add_pack<V, acc_t>(slab + s01 + co, aw * w01, go);
-                if (yb && xl) shared_add_pack<V, acc_t>(slab + s10 + co, aw * w10, go);
-                if (yb && xr) shared_add_pack<V, acc_t>(slab + s11 + co, aw * w11, go);
+                if (q.tl) shared_add_pack<V, acc_t>(slab + s00 + co, aw * q.w00, go);
+                if (q.tr) shared_add_pack<V, acc_t>(slab + s01 + co, aw * q.w01, go);
+                if (q.bl) shared_add_pack<V, acc_t>(slab + s10 + co, aw * q.w10, go);
+                if (q.br) shared_add_pack<V, acc_t>(slab + s11 + co, aw * q.w11, go);
               } else {
-                if (yt && xl) atomic_add_pack<V, acc_t>(gvbase + o00 + co, aw * w00, go);
-                if (yt && xr) atomic_add_pack<V, acc_t>(gvbase + o01 + co, aw * w01, go);
-                if (yb && xl) atomic_add_pack<V, acc_t>(gvbase + o10 + co, aw * w10, go);
-                if (yb && xr) atomic_add_pack<V, acc_t>(gvbase + o11 + co, aw * w11, go);
+                if (q.tl) atomic_add_pack<V, acc_t>(gvbase + q.o00 + co, aw * q.w00, go);
+                if (q.tr) atomic_add_pack<V, acc_t>(gvbase + q.o01 + co, aw * q.w01, go);
+                if (q.bl) atomic_add_pack<V, acc_t>(gvbase + q.o10 + co, aw * q.w10, go);
+                if (q.br) atomic_add_pack<V, acc_t>(gvbase + q.o11 + co, aw * q.w11, go);
               }
             }
           }

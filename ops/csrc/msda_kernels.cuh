@@ -159,6 +159,63 @@ __device__ inline acc_t group_sum(acc_t v, int group) {
   return v;
 }
 
+// One sampling point's bilinear footprint inside a level: corner offsets into value (relative to the
+// head's base pointer), which corners lie on the map, the fractions and the corner weights. Shared
+// by both backward kernels; the caller has already rejected points entirely off the map.
+template <typename acc_t>
+struct Corners {
+  int64_t o00, o01, o10, o11;
+  int row;  // y0 * w + x0: the top-left corner's row within the level
+  acc_t fx, fy, w00, w01, w10, w11;
+  bool tl, tr, bl, br;
+};
+
+template <typename acc_t>
+__device__ __forceinline__ Corners<acc_t> bilinear_corners(acc_t px, acc_t py, int h, int w,
+                                                           int64_t level_off, int md) {
+  Corners<acc_t> q;
+  const acc_t fx0 = floor(px), fy0 = floor(py);
+  const int x0 = static_cast<int>(fx0), y0 = static_cast<int>(fy0);
+  q.fx = px - fx0;
+  q.fy = py - fy0;
+  const bool xl = x0 >= 0, xr = x0 + 1 < w, yt = y0 >= 0, yb = y0 + 1 < h;
+  q.tl = yt && xl;
+  q.tr = yt && xr;
+  q.bl = yb && xl;
+  q.br = yb && xr;
+  q.row = y0 * w + x0;
+  q.o00 = level_off + static_cast<int64_t>(q.row) * md;
+  q.o01 = q.o00 + md;
+  q.o10 = q.o00 + static_cast<int64_t>(w) * md;
+  q.o11 = q.o10 + md;
+  q.w00 = (1 - q.fx) * (1 - q.fy);
+  q.w01 = q.fx * (1 - q.fy);
+  q.w10 = (1 - q.fx) * q.fy;
+  q.w11 = q.fx * q.fy;
+  return q;
+}
+
+// Gathers the four corners of one V-channel chunk and accumulates, over those channels, the
+// attention-weight gradient (gw) and the pixel-coordinate gradients (gx, gy) of one point.
+template <typename T, int V, typename acc_t>
+__device__ __forceinline__ void accumulate_point_grads(const T* __restrict__ vbase, int co,
+                                                       const Corners<acc_t>& q, const acc_t (&go)[V],
+                                                       acc_t& gw, acc_t& gx, acc_t& gy) {
+  acc_t v00[V], v01[V], v10[V], v11[V];
+#pragma unroll
+  for (int j = 0; j < V; ++j) v00[j] = v01[j] = v10[j] = v11[j] = acc_t(0);
+  if (q.tl) load_pack<T, V, acc_t>(vbase + q.o00 + co, v00);
+  if (q.tr) load_pack<T, V, acc_t>(vbase + q.o01 + co, v01);
+  if (q.bl) load_pack<T, V, acc_t>(vbase + q.o10 + co, v10);
+  if (q.br) load_pack<T, V, acc_t>(vbase + q.o11 + co, v11);
+#pragma unroll
+  for (int j = 0; j < V; ++j) {
+    gw += go[j] * (q.w00 * v00[j] + q.w01 * v01[j] + q.w10 * v10[j] + q.w11 * v11[j]);
+    gx += go[j] * ((1 - q.fy) * (v01[j] - v00[j]) + q.fy * (v11[j] - v10[j]));
+    gy += go[j] * ((1 - q.fx) * (v10[j] - v00[j]) + q.fx * (v11[j] - v01[j]));
+  }
+}
+
 template <typename T, typename TL, int V>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ shapes,
@@ -282,38 +339,21 @@ __global__ void __launch_bounds__(kBlockThreads)
         const acc_t px = x * w - acc_t(0.5);
         const acc_t py = y * h - acc_t(0.5);
         if (px >= acc_t(-1) && py >= acc_t(-1) && px < acc_t(w) && py < acc_t(h)) {
-          const acc_t fx0 = floor(px), fy0 = floor(py);
-          const int x0 = static_cast<int>(fx0), y0 = static_cast<int>(fy0);
-          const acc_t fx = px - fx0, fy = py - fy0;
-          const bool xl = x0 >= 0, xr = x0 + 1 < w, yt = y0 >= 0, yb = y0 + 1 < h;
-          const int64_t o00 = level_off + static_cast<int64_t>(y0 * w + x0) * md;
-          const int64_t o01 = o00 + md, o10 = o00 + static_cast<int64_t>(w) * md, o11 = o10 + md;
-          const acc_t w00 = (1 - fx) * (1 - fy), w01 = fx * (1 - fy), w10 = (1 - fx) * fy, w11 = fx * fy;
+          const Corners<acc_t> q = bilinear_corners<acc_t>(px, py, h, w, level_off, md);
           for (int c = lane; c < g.chunks; c += g.group) {
             const int co = c * V;
-            acc_t go[V], v00[V], v01[V], v10[V], v11[V];
+            acc_t go[V];
             if (one_chunk) {
 #pragma unroll
               for (int j = 0; j < V; ++j) go[j] = go_own[j];
             } else {
               load_pack<T, V, acc_t>(gobase + co, go);
             }
-#pragma unroll
-            for (int j = 0; j < V; ++j) v00[j] = v01[j] = v10[j] = v11[j] = acc_t(0);
-            if (yt && xl) load_pack<T, V, acc_t>(vbase + o00 + co, v00);
-            if (yt && xr) load_pack<T, V, acc_t>(vbase + o01 + co, v01);
-            if (yb && xl) load_pack<T, V, acc_t>(vbase + o10 + co, v10);
-            if (yb && xr) load_pack<T, V, acc_t>(vbase + o11 + co, v11);
-#pragma unroll
-            for (int j = 0; j < V; ++j) {
-              gw += go[j] * (w00 * v00[j] + w01 * v01[j] + w10 * v10[j] + w11 * v11[j]);
-              gx += go[j] * ((1 - fy) * (v01[j] - v00[j]) + fy * (v11[j] - v10[j]));
-              gy += go[j] * ((1 - fx) * (v10[j] - v00[j]) + fx * (v11[j] - v01[j]));
-            }
-            if (yt && xl) atomic_add_pack<V, acc_t>(gvbase + o00 + co, aw * w00, go);
-            if (yt && xr) atomic_add_pack<V, acc_t>(gvbase + o01 + co, aw * w01, go);
-            if (yb && xl) atomic_add_pack<V, acc_t>(gvbase + o10 + co, aw * w10, go);
-            if (yb && xr) atomic_add_pack<V, acc_t>(gvbase + o11 + co, aw * w11, go);
+            accumulate_point_grads<T, V, acc_t>(vbase, co, q, go, gw, gx, gy);
+            if (q.tl) atomic_add_pack<V, acc_t>(gvbase + q.o00 + co, aw * q.w00, go);
+            if (q.tr) atomic_add_pack<V, acc_t>(gvbase + q.o01 + co, aw * q.w01, go);
+            if (q.bl) atomic_add_pack<V, acc_t>(gvbase + q.o10 + co, aw * q.w10, go);
+            if (q.br) atomic_add_pack<V, acc_t>(gvbase + q.o11 + co, aw * q.w11, go);
           }
         }
       }
