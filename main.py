@@ -9,7 +9,9 @@
 The number of processes and mixed precision come from accelerate (`accelerate config`, the files
 in configs/accelerate/, or launcher flags); gradient accumulation from accelerate's
 ACCELERATE_GRADIENT_ACCUMULATION_STEPS or `--opt optim.gradient_accumulation_steps=K`.
-Resume happens at epoch boundaries (a `runtime.max_steps` stop counts its partial epoch as done).
+Resume continues from the last checkpoint: written at each epoch's end and, with
+`runtime.checkpoint_every_steps=N`, every N optimizer steps inside an epoch (a `runtime.max_steps`
+stop counts its partial epoch as done).
 Run directory: config.json (resolved config), log.jsonl (every step), metrics.json and
 metrics_history.jsonl (every evaluation), results_val.json, plots/*.png, checkpoint_last.pth and
 checkpoint_best.pth (official layout: {"model": state_dict, ...}).
@@ -104,14 +106,22 @@ def build_data(cfg: Config) -> Data:
 def build_loaders(cfg: Config, data: Data, num_workers: int, pin_memory: bool
                   ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader, torch.Generator]:
     """Training order is a function of (seed, epoch) only -- the sampler's generator is re-seeded
-    at each epoch -- so a resumed run sees the same batches as an uninterrupted one."""
+    at each epoch -- and each sample's augmentation of (seed, epoch, index), so a resumed run sees
+    the same batches as an uninterrupted one. The train loader's dataset is a SeededSamples."""
+    from datasets.seeded import SeededSamples
+
     generator = torch.Generator()
     generator.manual_seed(cfg.runtime.seed)
+    # augmentation draws are a function of (seed, epoch, sample) too: see datasets/seeded.py
+    train_set = SeededSamples(data.train, cfg.runtime.seed)
     train = torch.utils.data.DataLoader(
-        data.train, batch_size=cfg.optim.batch_size,
-        sampler=torch.utils.data.RandomSampler(data.train, generator=generator),
+        train_set, batch_size=cfg.optim.batch_size,
+        sampler=torch.utils.data.RandomSampler(train_set, generator=generator),
         drop_last=len(data.train) >= cfg.optim.batch_size, collate_fn=data.collate,
-        num_workers=num_workers, pin_memory=pin_memory)
+        num_workers=num_workers, pin_memory=pin_memory,
+        # workers' base seeds come from here, not from the global stream that the model's own
+        # draws (denoising noise) use: an extra loader (a resumed epoch's) must not shift them
+        generator=torch.Generator().manual_seed(cfg.runtime.seed + 1))
     val = torch.utils.data.DataLoader(
         data.val, batch_size=cfg.optim.batch_size, shuffle=False, drop_last=False,
         collate_fn=data.collate, num_workers=num_workers, pin_memory=pin_memory)
@@ -182,6 +192,14 @@ def save_training(accelerator: Any, ckpt_fn: Callable[[list], dict], out_dir: Pa
 # ------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------
+def _log_truncation(args: argparse.Namespace, resume: Any, step: int) -> int | None:
+    """Which logged records a run keeps: a fresh training run starts new logs (-1: none), a
+    resumed one keeps those up to its checkpoint's step, `--eval` appends to the history."""
+    if args.eval:
+        return None
+    return step if resume is not None else -1
+
+
 def run(args: argparse.Namespace, cfg: Config | None = None,
         build_model_fn: Callable | None = None, build_data_fn: Callable | None = None) -> dict:
     """Everything `main` does; the builders can be replaced (tests use tiny fakes).
@@ -270,7 +288,7 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
 
     run_logger = RunLogger(out_dir, enabled=accelerator.is_main_process,
                            tensorboard=cfg.runtime.tensorboard,
-                           truncate_after_step=state.step if (resume is not None and not args.eval) else None)
+                           truncate_after_step=_log_truncation(args, resume, state.step))
     eval_model = (lambda: ema.module if (ema is not None and cfg.runtime.eval_ema) else model)
 
     def run_eval(tag: str) -> dict | None:
@@ -302,24 +320,35 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
         _finish(args, accelerator, model, out_dir, run_logger)
         return {"metrics": metrics, "state": state, "output_dir": out_dir}
 
+    def save_mid_epoch() -> None:
+        save_training(accelerator, lambda rng: training_checkpoint(
+            accelerator, model, optimizer, scheduler, ema, state, cfg, rng), out_dir, False, [])
+
     settings = TrainSettings(clip_max_norm=cfg.optim.clip_max_norm,
                              max_nonfinite_steps=cfg.optim.max_nonfinite_steps,
-                             max_steps=cfg.runtime.max_steps, log_interval=cfg.runtime.log_interval)
+                             max_steps=cfg.runtime.max_steps, log_interval=cfg.runtime.log_interval,
+                             checkpoint_every_steps=cfg.runtime.checkpoint_every_steps,
+                             on_checkpoint=save_mid_epoch)
     metrics = None
     t_start, step_start = time.time(), state.step
     for epoch in range(state.epoch, cfg.optim.epochs):
         if cfg.runtime.max_steps and state.step >= cfg.runtime.max_steps:
             break
         generator.manual_seed(cfg.runtime.seed * 100_003 + epoch)  # order = f(seed, epoch)
+        train_loader.dataset.use_epoch(epoch)
+        loader = train_loader
+        if state.batches_in_epoch:  # resumed from a mid-epoch checkpoint: same order, minus those
+            log.info("resuming epoch %d after its first %d batches", epoch, state.batches_in_epoch)
+            loader = accelerator.skip_first_batches(train_loader, state.batches_in_epoch)
         try:
-            means = train_one_epoch(model, criterion, train_loader, optimizer, accelerator, epoch,
+            means = train_one_epoch(model, criterion, loader, optimizer, accelerator, epoch,
                                     state, settings, ema=ema, logger=run_logger)
         except NonFiniteLossError:
             log.error("training aborted; the last checkpoint (%s) is from before these steps",
                       out_dir / CHECKPOINT_LAST)
             raise
         scheduler.step()
-        state.epoch = epoch + 1
+        state.epoch, state.batches_in_epoch = epoch + 1, 0
         elapsed = time.time() - t_start
         log.info("epoch %d done: step %d, %.2f steps/s, mean loss %.4f", epoch, state.step,
                  (state.step - step_start) / max(elapsed, 1e-9), means.get("loss", math.nan))

@@ -49,6 +49,10 @@ class DataConfig:
     synthetic_min_objects: int = 10
     synthetic_max_objects: int = 200
     synthetic_seed: int = 0
+    # ignored regions (crowds of unannotated 2-5 px objects, VisDrone's "ignored regions") per image:
+    # 0..this many; and the small objects' side in pixels (min, median, max), log-normal.
+    synthetic_max_ignored_regions: int = 2
+    synthetic_small_side_px: tuple[float, float, float] = (4.0, 10.0, 31.0)
 
     # --- augmentation -------------------------------------------------------------------------
     train_policy: TrainPolicy = "detr"
@@ -92,6 +96,13 @@ class DataConfig:
         h, w = self.synthetic_image_size
         if h < 32 or w < 32:
             raise ConfigError(f"data.synthetic_image_size must be at least (32, 32), got {(h, w)}")
+        if self.synthetic_max_ignored_regions < 0:
+            raise ConfigError("data.synthetic_max_ignored_regions must be >= 0, got "
+                              f"{self.synthetic_max_ignored_regions}")
+        side = tuple(self.synthetic_small_side_px)
+        if len(side) != 3 or not 2 <= side[0] <= side[1] <= side[2] <= 31:
+            raise ConfigError("data.synthetic_small_side_px must be (min, median, max) with "
+                              f"2 <= min <= median <= max <= 31 (COCO small), got {side}")
         if not 0 <= self.synthetic_min_objects <= self.synthetic_max_objects:
             raise ConfigError("data.synthetic_min_objects must be in [0, synthetic_max_objects], got "
                               f"{self.synthetic_min_objects} and {self.synthetic_max_objects}")

@@ -52,8 +52,9 @@ def config() -> Config:
     # at 8e-4 (0.067 @300 steps at 8e-4, which 4e-4 reached only at 512); 2e-4 was slower still.
     o.lr = 8e-4
     o.lr_backbone = 8e-4  # random-init backbone: the official 1e-5 is for ImageNet weights
-    o.epochs = 3  # 256 steps per epoch; max_steps ends the third one early
-    o.lr_drop = 3  # no drop inside the demo's budget
+    o.epochs = 4  # 256 steps per epoch; max_steps ends the fourth one early
+    # lr x0.1 for the last ~230 steps: measured (950 steps, 1 thread) AP50 0.211 @768 -> 0.262 @950
+    o.lr_drop = 3
 
     e = cfg.eval
     e.max_dets = 100
@@ -62,18 +63,25 @@ def config() -> Config:
 
     r = cfg.runtime
     r.output_dir = "outputs/demo"
-    # This config (lr 8e-4), `python main.py` alone on the shared machine: 600 steps in 338 s
-    # (1.78 steps/s), 5 min 54 s wall in all; AP50 0.040 @256, 0.127 @512, 0.171 @600 (AP 0.061).
-    # With two demo runs side by side: ~1.0 steps/s and 10.4 min wall. 2 threads were 4-10x
-    # slower while other processes competed; not re-measured on idle cores.
+    # This config, `python main.py` alone on the idle 2-core machine (2026-11-26): 1000 steps in
+    # 417 s (2.40 steps/s), 7 min 10 s wall in all; AP50 0.036 @256, 0.157 @512, 0.244 @768,
+    # 0.298 @1000. Earlier (600 steps, 1 thread, no lr drop): 0.171 @600.
+    # From-scratch comparisons at 300 steps (1 thread, AP50 @256 / @300): L1 baseline
+    # (ugs.ablation=l1) 0.106 / 0.120; this config 0.040 / 0.067; ce_in (no UM) 0.039 / 0.056;
+    # ce_weight 0.25: 0.042 / 0.063; ce_weight 4: 0.015 / 0.019; CE off for the encoder
+    # proposals: 0.047 / 0.071; CE off for denoising: 0.028 / 0.034; the distribution head with
+    # DINO's L1 instead of CE: 0.086 / 0.115. So the two-hot CE loss, not the bin head, halves the
+    # early learning speed; d=256 learned faster per step (0.058 @256) but costs 2x per step.
     # Measured AP50 on the 64 val images (this config at lr 4e-4): 0.022 @256, 0.067 @512, 0.127 @600
     # steps (old config, torchvision frozen-BN backbone at 2e-4: 0.004 @256, 0.014 @500). The curve is
     # still rising steeply at the end; the target (AP50 >= 0.5) is NOT reached. The same
-    # run on easier scenes (no ignored-region crowds, objects 5-18 px, monkeypatched) reached
-    # 0.047 / 0.275 / 0.311, so about half of the gap is the data (crowds of unlabelled 2-5 px
-    # look-alikes and 29% of objects under 8 px at a stride-8 first level).
-    r.max_steps = 600
-    r.num_threads = 1
+    # 600-step run on easier scenes (no ignored-region crowds, objects 5-18 px) reached
+    # 0.047 / 0.275 / 0.311; with the knobs now in the config (data.synthetic_max_ignored_regions=0,
+    # data.synthetic_small_side_px=[6,11,24], 1 thread) 0.050 @256 vs 0.037 for the default data.
+    r.max_steps = 1000
+    # torch's default threads (2 here): 2.39 steps/s vs 1.78 with 1 thread on an idle machine (with
+    # fused AdamW). On a machine shared with other jobs, `runtime.num_threads=1` can be faster.
+    r.num_threads = 0
     r.log_interval = 10
     r.checkpoint_interval = 0
     return cfg

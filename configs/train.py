@@ -91,6 +91,10 @@ class RuntimeConfig:
     seed: int = 42  # each process uses seed + rank (official)
     log_interval: int = 10  # steps between console/tqdm postfix updates (the JSONL log has every step)
     checkpoint_interval: int = 1  # epochs between extra `checkpoint_epochNNNN.pth` copies (0: none)
+    # Also refresh checkpoint_last.pth every N optimizer steps inside an epoch (0: epoch ends only),
+    # so a crash loses at most N steps; `--resume auto` skips the batches already consumed and
+    # continues bit-identically (per-sample augmentation seeds, datasets/seeded.py).
+    checkpoint_every_steps: int = 0
     # Stop after this many optimizer steps in total (0: no limit). For smoke tests and the demo.
     max_steps: int = 0
     tensorboard: bool = True  # only when the tensorboard package is installed
@@ -106,6 +110,8 @@ class RuntimeConfig:
     eval_ema: bool = True
 
     def check(self) -> None:
-        if self.max_steps < 0 or self.log_interval < 1 or self.checkpoint_interval < 0 or self.num_threads < 0:
-            raise ConfigError("runtime.max_steps, runtime.checkpoint_interval and runtime.num_threads "
+        if (self.max_steps < 0 or self.log_interval < 1 or self.checkpoint_interval < 0 or self.num_threads < 0
+                or self.checkpoint_every_steps < 0):
+            raise ConfigError("runtime.max_steps, runtime.checkpoint_interval, runtime.checkpoint_every_steps "
+                              "and runtime.num_threads "
                               "must be >= 0, runtime.log_interval >= 1")

@@ -301,7 +301,8 @@ def xyxy_to_cxcywh_norm(boxes_xyxy: torch.Tensor, hw: tuple[int, int]) -> torch.
     h, w = hw
     x1, y1, x2, y2 = boxes_xyxy.unbind(-1)
     out = torch.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], dim=-1)
-    return (out / torch.tensor([w, h, w, h], dtype=out.dtype)).to(torch.float32)
+    # resizing leaves edges a rounding error past the image (a full-height box became h = 1 + 1e-7)
+    return (out / torch.tensor([w, h, w, h], dtype=out.dtype)).clamp(0.0, 1.0).to(torch.float32)
 
 
 def finalize_target(target: dict, image_id: int, orig_hw: tuple[int, int], hw: tuple[int, int]) -> dict:

@@ -136,11 +136,17 @@ def _draw(img: np.ndarray, idmap: np.ndarray | None, obj_id: int, cls: int, y: i
     return int(covered.sum())
 
 
-def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool) -> tuple[int, int]:
-    """(h, w) with area mostly small (< 32^2), some medium, few large (>= 96^2)."""
+SMALL_SIDE_PX = (4.0, 10.0, 31.0)                  # small objects' side: (min, median, max) pixels
+
+
+def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool,
+                 small_side: tuple[float, float, float] = SMALL_SIDE_PX) -> tuple[int, int]:
+    """(h, w) with area mostly small (< 32^2), some medium, few large (>= 96^2); the small ones'
+    side is log-normal around `small_side[1]`, clipped to [small_side[0], small_side[2]]."""
+    lo, median, hi = small_side
     u = rng.random()
     if u < 0.95 or (u >= 0.993 and not allow_large):
-        side = float(np.clip(np.exp(rng.normal(np.log(10), 0.45)), 4, 31))   # median 10 px
+        side = float(np.clip(np.exp(rng.normal(np.log(median), 0.45)), lo, hi))
     elif u < 0.993:
         side = np.exp(rng.uniform(np.log(32), np.log(64)))
     else:
@@ -152,8 +158,8 @@ def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool) ->
 
 
 def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256), min_objects: int = 10,
-                 max_objects: int = 200, max_ignored_regions: int = 2
-                 ) -> tuple[np.ndarray, list[dict], list[tuple[int, int, int, int]], Counter]:
+                 max_objects: int = 200, max_ignored_regions: int = 2,
+                 small_side: tuple[float, float, float] = SMALL_SIDE_PX) -> tuple[np.ndarray, list[dict], list[tuple[int, int, int, int]], Counter]:
     """One scene: `(image uint8 (H, W, 3), objects, ignored regions (x, y, w, h), stats)`.
 
     Each object is `{category_id, bbox [x, y, w, h], visibility}` (amodal box; visibility = the
@@ -181,7 +187,7 @@ def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256)
     attempts, has_large = 0, False
     while len(boxes) < n and attempts < 5 * n:
         attempts += 1
-        h, w = _object_size(rng, H, W, allow_large=not has_large)
+        h, w = _object_size(rng, H, W, allow_large=not has_large, small_side=small_side)
         if rng.random() < 0.6:                               # clustered, like traffic
             k = int(rng.integers(len(centres)))
             cy, cx = rng.normal(centres[k], spreads[k])
@@ -216,6 +222,7 @@ def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256)
 
 def generate_synthetic(num_images: int, image_size: tuple[int, int] = (256, 256), min_objects: int = 10,
                        max_objects: int = 200, seed: int = 0, file_ext: str = "png",
+                       max_ignored_regions: int = 2, small_side: tuple[float, float, float] = SMALL_SIDE_PX,
                        ) -> tuple[dict, dict[int, torch.Tensor], Counter]:
     """`(coco_dict, images {image_id: uint8 (3, H, W)}, stats)` for `num_images` scenes.
 
@@ -230,7 +237,8 @@ def generate_synthetic(num_images: int, image_size: tuple[int, int] = (256, 256)
     ann_id = 1
     for index in range(num_images):
         image_id = index + 1
-        img, objects, regions, s = render_image(seed, index, image_size, min_objects, max_objects)
+        img, objects, regions, s = render_image(seed, index, image_size, min_objects, max_objects,
+                                                max_ignored_regions, tuple(small_side))
         stats.update(s)
         images[image_id] = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         coco["images"].append({"id": image_id, "file_name": f"{seed:04d}_{index:06d}.{file_ext}",

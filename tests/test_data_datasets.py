@@ -133,6 +133,31 @@ def test_synthetic_is_deterministic_and_realistic():
         assert w >= 3 and h >= 3 and x >= 0 and y >= 0 and x + w <= 256 and y + h <= 256
 
 
+def test_synthetic_knobs_remove_crowds_and_bound_small_sides():
+    coco, _, stats = generate_synthetic(6, (128, 128), 5, 40, seed=1, max_ignored_regions=0,
+                                        small_side=(8.0, 12.0, 16.0))
+    assert not any(a["iscrowd"] for a in coco["annotations"]) and stats["ignored_regions"] == 0
+    sides = [(a["bbox"][2] * a["bbox"][3]) ** 0.5 for a in coco["annotations"]]
+    small = [s for s in sides if s < 30]  # medium objects start at a 32 px side (aspect rounding: 31+)
+    assert len(small) > 0.8 * len(sides)
+    for side in small:  # side from [8, 16], then an aspect ratio in [0.6, 1.6] splits it into h, w
+        assert 8 * 0.9 <= side <= 16 * 1.1, side
+    default, _, _ = generate_synthetic(3, (128, 128), 5, 40, seed=1)
+    explicit, _, _ = generate_synthetic(3, (128, 128), 5, 40, seed=1, max_ignored_regions=2,
+                                        small_side=(4.0, 10.0, 31.0))
+    assert default == explicit  # the defaults are the documented dataset
+
+
+def test_synthetic_knob_bad_values_are_rejected():
+    from configs import load_config
+    from configs.overrides import ConfigError
+
+    with pytest.raises(ConfigError, match="synthetic_small_side_px"):
+        load_config("demo_synthetic", ["data.synthetic_small_side_px=[12,8,16]"])
+    with pytest.raises(ConfigError, match="synthetic_max_ignored_regions"):
+        load_config("demo_synthetic", ["data.synthetic_max_ignored_regions=-1"])
+
+
 def test_collate_pads_bottom_right_and_masks_padding():
     a = (torch.ones(3, 4, 6), {"id": 0})
     b = (torch.full((3, 5, 3), 2.0), {"id": 1})
@@ -268,3 +293,13 @@ def test_grayscale_and_palette_images_load_as_rgb(tmp_path):
     assert ds[0][0].shape == (3, 40, 60) and ds[1][0].shape == (3, 30, 20)
     torch.testing.assert_close(ds[0][0][:, 0, 0], (torch.tensor([128 / 255] * 3) - torch.tensor(
         [0.485, 0.456, 0.406])) / torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_normalised_boxes_stay_in_unit_range_despite_rounding():
+    from datasets.coco import xyxy_to_cxcywh_norm
+
+    # a full-height box after a float resize: y2 - y1 = 96.00001 on a 96-pixel-high image
+    boxes = torch.tensor([[10.0, -0.0, 87.0, 96.00001], [0.0, 0.0, 128.0, 96.0]])
+    out = xyxy_to_cxcywh_norm(boxes, (96, 128))
+    assert (out >= 0).all() and (out <= 1).all()
+    assert out[1].tolist() == [0.5, 0.5, 1.0, 1.0]

@@ -170,6 +170,88 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
+class _CrashingCriterion(FakeCriterion):
+    """Raises on its `crash_at`-th call, like a node failure in the middle of an epoch."""
+
+    def __init__(self, crash_at: int) -> None:
+        super().__init__()
+        self.calls, self.crash_at = 0, crash_at
+
+    def forward(self, outputs: dict, targets: list[dict]) -> dict[str, torch.Tensor]:
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("simulated crash")
+        return super().forward(outputs, targets)
+
+
+@pytest.mark.slow
+def test_resume_inside_an_epoch_continues_exactly(tmp_path: Path) -> None:
+    """Checkpoints every 3 steps (4-step epochs); a crash in step 7 leaves the step-6 checkpoint,
+    2 batches into epoch 1; `--resume auto` skips those 2 batches and ends bit-identical."""
+    from util.checkpoint import load_checkpoint
+
+    straight, crashed = tmp_path / "straight", tmp_path / "crashed"
+    _run(straight, extra=["runtime.checkpoint_every_steps=3"])
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _run(crashed, extra=["runtime.checkpoint_every_steps=3"], criterion=_CrashingCriterion(crash_at=7))
+    ckpt = load_checkpoint(crashed / "checkpoint_last.pth")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["train_state"]["batches_in_epoch"]) == (6, 1, 2)
+    _reset_accelerate()
+    _run(crashed, ["--resume", "auto"], extra=["runtime.checkpoint_every_steps=3"])
+    assert _log(crashed) == _log(straight)  # steps 1-6, then 7-8 from the resumed run
+    a = load_checkpoint(straight / "checkpoint_last.pth")
+    b = load_checkpoint(crashed / "checkpoint_last.pth")
+    assert (b["step"], b["epoch"], b["train_state"]["batches_in_epoch"]) == (8, 2, 0)
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
+
+
+def test_fresh_run_starts_new_logs_and_resume_keeps_them(tmp_path: Path) -> None:
+    from util.logging import RunLogger, read_jsonl
+
+    first = RunLogger(tmp_path, tensorboard=False, truncate_after_step=-1)
+    for step in (1, 2, 3):
+        first.log_step({"step": step, "loss": float(step)})
+    first.log_metrics({"AP": 0.1}, epoch=1, step=3)
+    RunLogger(tmp_path, tensorboard=False, truncate_after_step=2)  # resume from step 2
+    assert [r["step"] for r in read_jsonl(tmp_path / "log.jsonl")] == [1, 2]
+    assert read_jsonl(tmp_path / "metrics_history.jsonl") == []
+    fresh = RunLogger(tmp_path, tensorboard=False, truncate_after_step=-1)
+    fresh.log_step({"step": 1, "loss": 9.0})
+    assert read_jsonl(tmp_path / "log.jsonl") == [{"step": 1, "loss": 9.0}]
+    RunLogger(tmp_path, tensorboard=False, truncate_after_step=None)  # --eval: appends only
+    assert len(read_jsonl(tmp_path / "log.jsonl")) == 1
+
+
+def test_detection_plot_falls_back_to_top_scores_for_a_weak_model(tmp_path: Path) -> None:
+    from util.engine import EvalSample
+    from util.plots import plot_detections
+
+    weak = EvalSample(image_id=1, image=torch.rand(3, 32, 32),
+                      boxes_xyxy=torch.tensor([[2.0, 2, 10, 10], [5, 5, 20, 20], [0, 0, 4, 4]]),
+                      scores=torch.tensor([0.05, 0.2, 0.01]), labels=torch.tensor([0, 1, 0]),
+                      gt_boxes_xyxy=torch.tensor([[2.0, 2, 10, 10], [6, 6, 18, 18]]))
+    import matplotlib.pyplot as plt
+
+    titles = []
+    real_subplots = plt.subplots
+
+    def spy(*a, **k):
+        fig, axes = real_subplots(*a, **k)
+        titles.append(axes[0][0])
+        return fig, axes
+
+    plt.subplots = spy
+    try:
+        assert plot_detections([weak], tmp_path / "d.png", score_threshold=0.3) is not None
+    finally:
+        plt.subplots = real_subplots
+    ax = titles[0]
+    assert "2 top-scored dets (none >= 0.3)" in ax.get_title()
+    assert len(ax.patches) == 2 + 2  # 2 GT + the 2 best-scored detections (one per GT box)
+
+
 def test_corrupt_checkpoint_gives_clear_error(tmp_path: Path) -> None:
     from util.checkpoint import CheckpointError
 

@@ -110,13 +110,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"))
     parser.add_argument("--min-objects", type=int, default=10)
     parser.add_argument("--max-objects", type=int, default=200)
+    parser.add_argument("--max-ignored-regions", type=int, default=2)
+    parser.add_argument("--small-side", type=float, nargs=3, default=(4.0, 10.0, 31.0),
+                        metavar=("MIN", "MEDIAN", "MAX"), help="small objects' side in pixels")
     parser.add_argument("--format", choices=("png", "jpg"), default="png")
     args = parser.parse_args(argv)
     from PIL import Image
     from tqdm import tqdm
 
     coco, images, gen_stats = generate_synthetic(args.images, tuple(args.size), args.min_objects,
-                                                 args.max_objects, args.seed, file_ext=args.format)
+                                                 args.max_objects, args.seed, file_ext=args.format,
+                                                 max_ignored_regions=args.max_ignored_regions,
+                                                 small_side=tuple(args.small_side))
     image_dir = args.out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for info in tqdm(coco["images"], desc="writing images", unit="img", disable=not sys.stderr.isatty()):

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -39,13 +39,16 @@ class TrainState:
     nonfinite_streak: int = 0
     best_metric: float = -math.inf
     skipped_steps: int = 0
+    # loader batches of `epoch` already consumed (a mid-epoch checkpoint); 0 at epoch boundaries
+    batches_in_epoch: int = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "nonfinite_streak": self.nonfinite_streak,
-                "best_metric": self.best_metric, "skipped_steps": self.skipped_steps}
+                "best_metric": self.best_metric, "skipped_steps": self.skipped_steps,
+                "batches_in_epoch": self.batches_in_epoch}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for k in ("epoch", "step", "nonfinite_streak", "skipped_steps"):
+        for k in ("epoch", "step", "nonfinite_streak", "skipped_steps", "batches_in_epoch"):
             setattr(self, k, int(state.get(k, 0)))
         self.best_metric = float(state.get("best_metric", -math.inf))
 
@@ -57,6 +60,9 @@ class TrainSettings:
     max_steps: int = 0  # total optimizer steps at which to stop (0: no limit)
     log_interval: int = 10
     extra_log: dict[str, Any] = field(default_factory=dict)
+    # every this many optimizer steps (0: never), `on_checkpoint()` saves a mid-epoch checkpoint
+    checkpoint_every_steps: int = 0
+    on_checkpoint: Callable[[], None] | None = None
 
 
 def weighted_loss(loss_dict: dict[str, torch.Tensor],
@@ -107,6 +113,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     for images, masks, targets in bar:
         if settings.max_steps and state.step >= settings.max_steps:
             break
+        state.batches_in_epoch += 1
         with accelerator.accumulate(model):
             try:
                 with accelerator.autocast():
@@ -169,6 +176,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             n_logged += 1
             if accelerator.is_main_process and state.step % settings.log_interval == 0:
                 bar.set_postfix(step=state.step, loss=f"{record['loss']:.3f}")
+            if (settings.checkpoint_every_steps and settings.on_checkpoint is not None
+                    and state.step % settings.checkpoint_every_steps == 0):
+                settings.on_checkpoint()
     bar.close()
     return {k: v / max(n_logged, 1) for k, v in sums.items()}
 

@@ -72,7 +72,8 @@ class RunLogger:
         self.dir.mkdir(parents=True, exist_ok=True)
         if truncate_after_step is not None:
             # A resumed run drops records written after the checkpoint it resumes from (steps a
-            # crash interrupted), so the log continues exactly where the checkpoint stopped.
+            # crash interrupted), so the log continues exactly where the checkpoint stopped; a
+            # fresh run (-1) drops them all instead of appending to an earlier run's curves.
             self._truncate(self.step_path, "step", truncate_after_step)
             self._truncate(self.history_path, "step", truncate_after_step)
         if tensorboard:
@@ -88,8 +89,8 @@ class RunLogger:
         records = read_jsonl(path)
         kept = [r for r in records if int(r.get(key, 0)) <= last]
         if len(kept) != len(records):
-            log.info("resume: dropping %d record(s) after step %d from %s", len(records) - len(kept),
-                     last, path.name)
+            log.info("%s: dropping %d record(s) from %s", "fresh run" if last < 0 else f"resume at step {last}",
+                     len(records) - len(kept), path.name)
             tmp = path.with_name(path.name + ".tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)

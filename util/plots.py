@@ -10,6 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from util.logging import read_jsonl  # noqa: E402
 
@@ -106,6 +107,13 @@ def plot_detections(samples: Sequence, out_path: str | Path, score_threshold: fl
             ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="white",
                                        linestyle="--", linewidth=0.8))
         keep = s.scores >= score_threshold
+        rule = f"dets >= {score_threshold}"
+        if not bool(keep.any()) and len(s.scores):
+            # a weak (early) model scores nothing above the threshold: show its best guesses
+            top = min(len(s.scores), max(len(s.gt_boxes_xyxy), 1))
+            keep = torch.zeros_like(keep)
+            keep[s.scores.topk(top).indices] = True
+            rule = f"top-scored dets (none >= {score_threshold})"
         for (x0, y0, x1, y1), score, label in zip(s.boxes_xyxy[keep].tolist(),
                                                   s.scores[keep].tolist(), s.labels[keep].tolist()):
             color = cmap(int(label) % 10)
@@ -114,7 +122,7 @@ def plot_detections(samples: Sequence, out_path: str | Path, score_threshold: fl
             name = class_names.get(int(label), str(label)) if class_names else str(label)
             ax.text(x0, y0 - 1, f"{name} {score:.2f}", color=color, fontsize=6,
                     bbox={"facecolor": "black", "alpha": 0.4, "pad": 0.5, "linewidth": 0})
-        ax.set_title(f"image {s.image_id}: {int(keep.sum())} dets >= {score_threshold}, "
+        ax.set_title(f"image {s.image_id}: {int(keep.sum())} {rule}, "
                      f"{len(s.gt_boxes_xyxy)} GT", fontsize=8)
         ax.axis("off")
     if title:
