@@ -226,6 +226,7 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
              accelerator.mixed_precision, accelerator.gradient_accumulation_steps)
     if cfg.runtime.num_threads:
         torch.set_num_threads(cfg.runtime.num_threads)
+    log.info("torch CPU threads: %d", torch.get_num_threads())
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed_everything(cfg.runtime.seed, accelerator.process_index)
