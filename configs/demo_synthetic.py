@@ -2,7 +2,7 @@
 scratch on the embedded synthetic dataset, then evaluated, in at most 10 minutes on 2 CPU cores.
 
 A diff of `dino_tiny`: 128 x 128 scenes with 5-25 objects and no resize augmentation (the cost
-of a step is set by image size), 4 feature levels from stride 8, 100 queries, UGS on (CE on the
+of a step is set by image size), d=128, 4 feature levels from stride 8, 100 queries, UGS on (CE on the
 IN grid + UM; UR's second decoder pass is left off to keep the step cheap), the backbone at the
 full lr because it starts from random weights, and a step budget (`runtime.max_steps`) instead of
 a COCO schedule. Measurements behind each choice are in the comments below.
@@ -25,6 +25,12 @@ def config() -> Config:
     m.backbone = "timm:resnet18"
     m.return_interm_indices = [2, 3, 4]  # timm feature indices: layer2..layer4, strides 8, 16, 32
     m.num_queries = 100
+    # d=128 (dino_tiny: 64), 4 heads, FFN 256: ~1.1x the step time of d=64 and faster learning
+    # (300 steps, 1 thread: AP50 0.052 @256 / 0.091 @300 vs 0.040 / 0.067); d=128 with 8 heads and
+    # FFN 512 learned a little faster still (0.069 / 0.107) at 1.5x the step time.
+    m.hidden_dim = 128
+    m.nheads = 4
+    m.dim_feedforward = 256
     # (+ the extra stride-64 level). A stride-4 level (timm [1, 2, 3, 4]) cost 1.45x per step and
     # was not better at 200 steps (AP50 0.004), so it is left out.
     m.num_feature_levels = 4
@@ -64,8 +70,9 @@ def config() -> Config:
     r = cfg.runtime
     r.output_dir = "outputs/demo"
     # This config, `python main.py` alone on the idle 2-core machine (2026-11-26): 1000 steps in
-    # 417 s (2.40 steps/s), 7 min 10 s wall in all; AP50 0.036 @256, 0.157 @512, 0.244 @768,
-    # 0.298 @1000. Earlier (600 steps, 1 thread, no lr drop): 0.171 @600.
+    # 465 s (2.15 steps/s), 7 min 59 s wall in all; AP50 0.068 @256, 0.202 @512, 0.301 @768,
+    # 0.364 @1000 (AP 0.215). With d=64: 2.40 steps/s, 7 min 10 s, AP50 0.036 / 0.157 / 0.244 /
+    # 0.298. Earlier (d=64, 600 steps, 1 thread, no lr drop): 0.171 @600.
     # From-scratch comparisons at 300 steps (1 thread, AP50 @256 / @300): L1 baseline
     # (ugs.ablation=l1) 0.106 / 0.120; this config 0.040 / 0.067; ce_in (no UM) 0.039 / 0.056;
     # ce_weight 0.25: 0.042 / 0.063; ce_weight 4: 0.015 / 0.019; CE off for the encoder

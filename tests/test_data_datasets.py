@@ -303,3 +303,29 @@ def test_normalised_boxes_stay_in_unit_range_despite_rounding():
     out = xyxy_to_cxcywh_norm(boxes, (96, 128))
     assert (out >= 0).all() and (out <= 1).all()
     assert out[1].tolist() == [0.5, 0.5, 1.0, 1.0]
+
+
+def test_seeded_samples_augment_the_same_with_or_without_workers():
+    from datasets.collate import make_collate
+    from datasets.seeded import SeededSamples
+
+    cfg = apply_overrides(Config(), ["data.synthetic_train_images=6", "data.synthetic_image_size=[64,96]",
+                                     "data.synthetic_max_objects=20", "data.train_policy=detr",
+                                     "data.train_scales=[48,64,80]", "data.train_max_size=128"])
+    ds = SeededSamples(build_dataset(cfg.data, "train"), seed=3)
+
+    def images(workers: int) -> list[torch.Tensor]:
+        loader = torch.utils.data.DataLoader(ds, batch_size=2, num_workers=workers, collate_fn=make_collate(1),
+                                             generator=torch.Generator().manual_seed(1))  # as main.py
+        return [batch[0] for batch in loader]
+
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    serial = images(0)
+    assert torch.equal(torch.get_rng_state(), before)  # the global stream is left untouched
+    parallel = images(2)
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel, strict=True))
+    ds.use_epoch(1)  # another epoch draws other augmentations
+    other = images(0)
+    assert any(a.shape != b.shape or not torch.equal(a, b) for a, b in zip(serial, other, strict=True))
+    assert ds.num_classes == ds.dataset.num_classes and ds.categories  # attributes pass through
