@@ -27,7 +27,9 @@ def config() -> Config:
     m.num_queries = 100
     # d=128 (dino_tiny: 64), 4 heads, FFN 256: ~1.1x the step time of d=64 and faster learning
     # (300 steps, 1 thread: AP50 0.052 @256 / 0.091 @300 vs 0.040 / 0.067); d=128 with 8 heads and
-    # FFN 512 learned a little faster still (0.069 / 0.107) at 1.5x the step time.
+    # FFN 512 learned a little faster still (0.069 / 0.107) at 1.5x the step time (1 thread; 1.1x
+    # with 2 threads), but as a whole demo (750 steps at 1.80 steps/s, lr drop at 512, 7 min 10 s)
+    # it reached only AP50 0.271.
     m.hidden_dim = 128
     m.nheads = 4
     m.dim_feedforward = 256
