@@ -321,15 +321,16 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
         _finish(args, accelerator, model, out_dir, run_logger)
         return {"metrics": metrics, "state": state, "output_dir": out_dir}
 
-    def save_mid_epoch() -> None:
+    def save(is_best: bool = False, extra_names: list[str] | None = None) -> None:
         save_training(accelerator, lambda rng: training_checkpoint(
-            accelerator, model, optimizer, scheduler, ema, state, cfg, rng), out_dir, False, [])
+            accelerator, model, optimizer, scheduler, ema, state, cfg, rng), out_dir, is_best,
+            extra_names or [])
 
     settings = TrainSettings(clip_max_norm=cfg.optim.clip_max_norm,
                              max_nonfinite_steps=cfg.optim.max_nonfinite_steps,
                              max_steps=cfg.runtime.max_steps, log_interval=cfg.runtime.log_interval,
                              checkpoint_every_steps=cfg.runtime.checkpoint_every_steps,
-                             on_checkpoint=save_mid_epoch)
+                             on_checkpoint=save)
     metrics = None
     t_start, step_start = time.time(), state.step
     for epoch in range(state.epoch, cfg.optim.epochs):
@@ -363,8 +364,7 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
         is_best = False  # decided on the main process, the only one that writes
         if metrics is not None and accelerator.is_main_process and metrics["AP"] > state.best_metric:
             state.best_metric, is_best = float(metrics["AP"]), True
-        save_training(accelerator, lambda rng: training_checkpoint(
-            accelerator, model, optimizer, scheduler, ema, state, cfg, rng), out_dir, is_best, extra)
+        save(is_best, extra)
         if accelerator.is_main_process:
             from util.plots import plot_loss_curves
 

@@ -159,7 +159,8 @@ def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool,
 
 def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256), min_objects: int = 10,
                  max_objects: int = 200, max_ignored_regions: int = 2,
-                 small_side: tuple[float, float, float] = SMALL_SIDE_PX) -> tuple[np.ndarray, list[dict], list[tuple[int, int, int, int]], Counter]:
+                 small_side: tuple[float, float, float] = SMALL_SIDE_PX
+                 ) -> tuple[np.ndarray, list[dict], list[tuple[int, int, int, int]], Counter]:
     """One scene: `(image uint8 (H, W, 3), objects, ignored regions (x, y, w, h), stats)`.
 
     Each object is `{category_id, bbox [x, y, w, h], visibility}` (amodal box; visibility = the
