@@ -71,11 +71,12 @@ areas = sp[:, 0] * sp[:, 1]
 st = torch.cat([areas.new_zeros(1), areas.cumsum(0)[:-1]])
 S = int(areas.sum())
 worst = 0.0
-for d, cap in ((32, None), (32, "4"), (8, None), (5, None)):
-    if cap:
-        os.environ["MSDA_CUDA_MAX_VECTOR"] = cap
-    else:
-        os.environ.pop("MSDA_CUDA_MAX_VECTOR", None)
+for d, cap in ((32, None), (32, "8"), (8, None), (5, None)):
+    for switch in ("MSDA_CUDA_FWD_VECTOR", "MSDA_CUDA_BWD_VECTOR"):  # cap "8": the wide non-default kernels
+        if cap:
+            os.environ[switch] = cap
+        else:
+            os.environ.pop(switch, None)
     n, lq, m, p = 2, 2000, 8, 4
     v64 = torch.randn(n, S, m, d, device=dev, dtype=torch.float64)
     l64 = torch.rand(n, lq, m, len(shapes), p, 2, device=dev, dtype=torch.float64) * 1.2 - 0.1
@@ -111,7 +112,7 @@ fi
 
 # 4. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
 step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda \
-  --impls ours,ours-v4,ours-bwd-v2,ours-bwd-v2-big,pytorch,original \
+  --impls ours,ours-fwd8,ours-bwd8,ours-bwd2,ours-bwd-v2,pytorch,original \
   --msda-original .gpu_carry/msda_original --write-docs --docs-path "$OUT/benchmarks.md" \
   --partial "$OUT/bench_ops_partial.md" --json "$OUT/bench_ops.json"
 

@@ -7,6 +7,8 @@
 
 #include <vector>
 
+#include "msda_error.h"
+
 namespace msda {
 at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
@@ -27,40 +29,40 @@ struct Prepared {
 Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes,
                  const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                  const at::Tensor& attention_weights) {
-  TORCH_CHECK(value.is_cuda(), "ms_deform_attn CUDA: value must be a CUDA tensor, got ", value.device());
-  TORCH_CHECK(value.dim() == 4, "ms_deform_attn CUDA: value must be (N, S, M, D), got ", value.sizes());
-  TORCH_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
+  MSDA_CHECK(value.is_cuda(), "ms_deform_attn CUDA: value must be a CUDA tensor, got ", value.device());
+  MSDA_CHECK(value.dim() == 4, "ms_deform_attn CUDA: value must be (N, S, M, D), got ", value.sizes());
+  MSDA_CHECK(sampling_locations.dim() == 6 && sampling_locations.size(5) == 2,
               "ms_deform_attn CUDA: sampling_locations must be (N, Lq, M, L, P, 2), got ",
               sampling_locations.sizes());
-  TORCH_CHECK(attention_weights.dim() == 5,
+  MSDA_CHECK(attention_weights.dim() == 5,
               "ms_deform_attn CUDA: attention_weights must be (N, Lq, M, L, P), got ", attention_weights.sizes());
-  TORCH_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
+  MSDA_CHECK(spatial_shapes.dim() == 2 && spatial_shapes.size(1) == 2,
               "ms_deform_attn CUDA: spatial_shapes must be (L, 2), got ", spatial_shapes.sizes());
-  TORCH_CHECK(level_start_index.dim() == 1, "ms_deform_attn CUDA: level_start_index must be (L,), got ",
+  MSDA_CHECK(level_start_index.dim() == 1, "ms_deform_attn CUDA: level_start_index must be (L,), got ",
               level_start_index.sizes());
   const int64_t n = value.size(0), m = value.size(2), levels = spatial_shapes.size(0);
   const auto& sl = sampling_locations.sizes();
   const auto& aw = attention_weights.sizes();
-  TORCH_CHECK(sl[0] == n && sl[2] == m && sl[3] == levels,
+  MSDA_CHECK(sl[0] == n && sl[2] == m && sl[3] == levels,
               "ms_deform_attn CUDA: sampling_locations ", sl, " does not match value ", value.sizes(),
               " and ", levels, " levels");
-  TORCH_CHECK(aw[0] == sl[0] && aw[1] == sl[1] && aw[2] == sl[2] && aw[3] == sl[3] && aw[4] == sl[4],
+  MSDA_CHECK(aw[0] == sl[0] && aw[1] == sl[1] && aw[2] == sl[2] && aw[3] == sl[3] && aw[4] == sl[4],
               "ms_deform_attn CUDA: attention_weights ", aw, " does not match sampling_locations ", sl);
-  TORCH_CHECK(level_start_index.size(0) == levels, "ms_deform_attn CUDA: level_start_index has ",
+  MSDA_CHECK(level_start_index.size(0) == levels, "ms_deform_attn CUDA: level_start_index has ",
               level_start_index.size(0), " entries for ", levels, " levels");
-  TORCH_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
+  MSDA_CHECK(spatial_shapes.scalar_type() == at::kLong && level_start_index.scalar_type() == at::kLong,
               "ms_deform_attn CUDA: spatial_shapes and level_start_index must be int64");
 
   const auto vt = value.scalar_type();
-  TORCH_CHECK(vt == at::kDouble || vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16,
+  MSDA_CHECK(vt == at::kDouble || vt == at::kFloat || vt == at::kHalf || vt == at::kBFloat16,
               "ms_deform_attn CUDA: value must be float64, float32, float16 or bfloat16, got ", vt);
   const auto lt = sampling_locations.scalar_type(), at_ = attention_weights.scalar_type();
-  TORCH_CHECK(lt == vt || lt == at::kFloat,
+  MSDA_CHECK(lt == vt || lt == at::kFloat,
               "ms_deform_attn CUDA: sampling_locations must be ", vt, " or float32, got ", lt);
-  TORCH_CHECK(at_ == vt || at_ == at::kFloat,
+  MSDA_CHECK(at_ == vt || at_ == at::kFloat,
               "ms_deform_attn CUDA: attention_weights must be ", vt, " or float32, got ", at_);
   for (const at::Tensor* t : {&sampling_locations, &attention_weights}) {
-    TORCH_CHECK(t->device() == value.device(), "ms_deform_attn CUDA: all tensors must be on ",
+    MSDA_CHECK(t->device() == value.device(), "ms_deform_attn CUDA: all tensors must be on ",
                 value.device(), ", got ", t->device());
   }
 
@@ -92,11 +94,11 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spat
                                  const at::Tensor& attention_weights, const at::Tensor& grad_output) {
   const Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
   const int64_t n = value.size(0), m = value.size(2), d = value.size(3), lq = sampling_locations.size(1);
-  TORCH_CHECK(grad_output.dim() == 3 && grad_output.size(0) == n && grad_output.size(1) == lq &&
+  MSDA_CHECK(grad_output.dim() == 3 && grad_output.size(0) == n && grad_output.size(1) == lq &&
                   grad_output.size(2) == m * d,
               "ms_deform_attn CUDA: grad_output must be (", n, ", ", lq, ", ", m * d, "), got ",
               grad_output.sizes());
-  TORCH_CHECK(grad_output.device() == value.device(), "ms_deform_attn CUDA: grad_output must be on ",
+  MSDA_CHECK(grad_output.device() == value.device(), "ms_deform_attn CUDA: grad_output must be on ",
               value.device(), ", got ", grad_output.device());
   const at::Tensor go = grad_output.to(value.scalar_type()).contiguous();
   auto grads = msda::backward_cuda(p.value, p.shapes, p.starts, p.loc, p.attn, go);

@@ -12,31 +12,71 @@
 #include <type_traits>
 #include <vector>
 
+#include "msda_error.h"
 #include "msda_launch.h"
 
 namespace msda {
 namespace detail {
 namespace {
 
-// Channels per thread: up to 8 (at most 32 bytes: two 16-byte loads per corner for float32, one for
-// the half types, four channels for float64), the largest power of two dividing D whose vectors are
-// aligned. Fewer threads per (query, head) means fewer redundant bilinear-coordinate computations.
-// MSDA_CUDA_MAX_VECTOR (1, 2, 4 or 8) lowers the cap, for benchmarking the alternatives.
-int max_vector(int64_t elem) {
-  int v = static_cast<int>(std::min<int64_t>(8, 32 / elem));
-  if (const char* env = std::getenv("MSDA_CUDA_MAX_VECTOR")) {
-    const int cap = std::atoi(env);
-    TORCH_CHECK(cap == 1 || cap == 2 || cap == 4 || cap == 8,
-                "MSDA_CUDA_MAX_VECTOR must be 1, 2, 4 or 8, got '", env, "'");
-    v = std::min(v, cap);
-  }
+// Kernel switches, all read from the environment once at the entry of each call (before any
+// allocation or launch), so a bad value fails early with a message naming the variable.
+//   MSDA_CUDA_FWD_VECTOR / MSDA_CUDA_BWD_VECTOR (1, 2, 4 or 8): channels per thread in the forward /
+//     backward; MSDA_CUDA_MAX_VECTOR (same values) caps both, for tests and benchmarks.
+//   MSDA_CUDA_BWD ("v1" default, "v2"), MSDA_CUDA_BWD_TILE, MSDA_CUDA_BWD_SLAB_KB: backward v2.
+int env_int(const char* name, int fallback, int lo, int hi) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || env[0] == '\0') return fallback;
+  char* end = nullptr;
+  const long v = std::strtol(env, &end, 10);
+  MSDA_CHECK(end != env && *end == '\0' && v >= lo && v <= hi, name, " must be an integer in [", lo, ", ", hi,
+              "], got '", env, "'");
+  return static_cast<int>(v);
+}
+
+int env_vector(const char* name, int fallback) {
+  const int v = env_int(name, fallback, 1, 8);
+  MSDA_CHECK(v == 1 || v == 2 || v == 4 || v == 8, name, " must be 1, 2, 4 or 8, got ", v);
   return v;
 }
 
-int pick_vector(const at::Tensor& value, const at::Tensor* grad_out) {
+struct Options {
+  int forward_vector = 8;
+  int backward_vector = 4;
+  int backward_variant = 1;
+  int tile = 0;  // 0: automatic
+  int slab_kb = 48;
+};
+
+// Default widths, measured on an H200 at the DINO encoder shape (docs/benchmarks.md, 2026-11-26):
+// the forward is fastest with one 16-byte load per corner (float32 4 channels, half types 8; float64
+// 4, i.e. 32 bytes); the backward with at most 4 channels per thread for every dtype (one 16-byte
+// float32 vector atomic per corner; 8 float32 channels per thread made the encoder backward ~1.7x
+// slower: twice the registers per thread and half the threads in flight to hide atomic latency).
+Options read_options(int64_t elem) {
+  Options o;
+  const int fwd_default = elem == 8 ? 4 : static_cast<int>(std::min<int64_t>(8, 16 / elem));
+  const int cap = env_vector("MSDA_CUDA_MAX_VECTOR", 8);
+  o.forward_vector = std::min(cap, env_vector("MSDA_CUDA_FWD_VECTOR", fwd_default));
+  o.backward_vector = std::min(cap, env_vector("MSDA_CUDA_BWD_VECTOR", 4));
+  const char* env = std::getenv("MSDA_CUDA_BWD");
+  if (env != nullptr && env[0] != '\0' && std::strcmp(env, "v1") != 0) {
+    MSDA_CHECK(std::strcmp(env, "v2") == 0, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got '", env,
+                "'");
+    o.backward_variant = 2;
+  }
+  o.tile = env_int("MSDA_CUDA_BWD_TILE", 0, 0, 1 << 30);
+  o.slab_kb = env_int("MSDA_CUDA_BWD_SLAB_KB", 48, 0, 1 << 20);
+  return o;
+}
+
+// Channels per thread: the largest power of two <= the cap that divides D and keeps the vectors
+// aligned. Fewer threads per (query, head) means fewer redundant bilinear-coordinate computations,
+// more channels per thread more registers.
+int pick_vector(const at::Tensor& value, const at::Tensor* grad_out, int cap) {
   const int64_t elem = value.element_size();
   const int64_t d = value.size(3);
-  int v = max_vector(elem);
+  int v = static_cast<int>(std::min<int64_t>(cap, 32 / elem));
   auto aligned = [&](const at::Tensor& t, int width) {
     return reinterpret_cast<uintptr_t>(t.data_ptr()) % (elem * width) == 0;
   };
@@ -49,7 +89,7 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v) {
   Geometry& g = lp.g;
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = loc.size(1), levels = loc.size(3), points = loc.size(4);
-  TORCH_CHECK(s * m * d < (int64_t(1) << 31) && lq < (int64_t(1) << 31),
+  MSDA_CHECK(s * m * d < (int64_t(1) << 31) && lq < (int64_t(1) << 31),
               "ms_deform_attn CUDA: value of shape ", value.sizes(), " is too large for one call");
   g.pairs = n * lq * m;
   g.value_batch = s * m * d;
@@ -71,36 +111,17 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v) {
   int threads = kBlockThreads;
   while (threads > 32 && table + per_pair * (threads / group) > kSmemBudget) threads /= 2;
   g.stage = table + per_pair * (threads / group) <= kSmemBudget ? 1 : 0;
-  TORCH_CHECK(table <= kSmemBudget, "ms_deform_attn CUDA: too many levels (", levels, ")");
+  MSDA_CHECK(table <= kSmemBudget, "ms_deform_attn CUDA: too many levels (", levels, ")");
   lp.threads = threads;
   lp.smem = g.stage ? table + per_pair * (threads / group) : table;
   return lp;
-}
-
-// Backward kernel choice, read at every call: MSDA_CUDA_BWD unset / "v1" (default) or "v2" (opt-in,
-// msda_backward_v2.cuh).
-int backward_variant() {
-  const char* env = std::getenv("MSDA_CUDA_BWD");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "v1") == 0) return 1;
-  TORCH_CHECK(std::strcmp(env, "v2") == 0, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got '", env, "'");
-  return 2;
-}
-
-int env_int(const char* name, int fallback, int lo, int hi) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || env[0] == '\0') return fallback;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  TORCH_CHECK(end != env && *end == '\0' && v >= lo && v <= hi, name, " must be an integer in [", lo, ", ", hi,
-              "], got '", env, "'");
-  return static_cast<int>(v);
 }
 
 // Backward v2 geometry: blocks of one (batch, head) and g.tile queries; the tile is sized for about
 // 4 blocks per SM (at most 16 passes of the block over its pairs), MSDA_CUDA_BWD_TILE overrides it.
 // Dynamic shared memory: MSDA_CUDA_BWD_SLAB_KB (default 48, no opt-in needed; capped by the device's
 // opt-in limit) for the level table plus the slab.
-void plan_backward_v2(Launch& lp, const at::Tensor& value) {
+void plan_backward_v2(Launch& lp, const at::Tensor& value, const Options& opt) {
   Geometry& g = lp.g;
   const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
   const int ppb = lp.threads / g.group;
@@ -109,7 +130,7 @@ void plan_backward_v2(Launch& lp, const at::Tensor& value) {
   const int64_t tiles_wanted = std::max<int64_t>(1, (target_blocks + nh - 1) / nh);
   int64_t tile = (g.lq + tiles_wanted - 1) / tiles_wanted;
   tile = std::min<int64_t>(std::max<int64_t>(tile, ppb), 16 * static_cast<int64_t>(ppb));
-  tile = env_int("MSDA_CUDA_BWD_TILE", static_cast<int>(tile), 1, 1 << 30);
+  if (opt.tile > 0) tile = opt.tile;
   tile = std::min<int64_t>(tile, g.lq);  // keeps q_begin + tile in int range
   g.tile = static_cast<int>((tile + ppb - 1) / ppb * ppb);
   g.stage = 0;
@@ -117,9 +138,9 @@ void plan_backward_v2(Launch& lp, const at::Tensor& value) {
   const size_t acc_size = value.scalar_type() == at::kDouble ? 8 : 4;
   const size_t table = v2_table_bytes(g.levels);
   const size_t optin = prop->sharedMemPerBlockOptin;
-  const size_t slab_kb = static_cast<size_t>(env_int("MSDA_CUDA_BWD_SLAB_KB", 48, 0, 1 << 20));
+  const size_t slab_kb = static_cast<size_t>(opt.slab_kb);
   const size_t budget = std::min<size_t>(optin, slab_kb * 1024);
-  TORCH_CHECK(table <= optin, "ms_deform_attn CUDA: too many levels (", g.levels, ")");
+  MSDA_CHECK(table <= optin, "ms_deform_attn CUDA: too many levels (", g.levels, ")");
   const size_t slab_bytes = budget > table ? (budget - table) / acc_size * acc_size : 0;
   g.slab_capacity = static_cast<int64_t>(slab_bytes / acc_size);
   lp.smem = table + slab_bytes;
@@ -191,7 +212,7 @@ void dispatch(at::ScalarType value_dtype, at::ScalarType loc_dtype, int v, F&& f
     case at::kBFloat16:
       return with_types<at::BFloat16>(loc_dtype, v, f);
     default:
-      TORCH_CHECK(false, "ms_deform_attn CUDA: unsupported value dtype ", value_dtype);
+      MSDA_CHECK(false, "ms_deform_attn CUDA: unsupported value dtype ", value_dtype);
   }
 }
 
@@ -208,12 +229,13 @@ using detail::plan;
 at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                         const at::Tensor& attention_weights) {
+  const detail::Options opt = detail::read_options(value.element_size());
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t n = value.size(0), m = value.size(2), d = value.size(3), lq = sampling_locations.size(1);
   auto out = at::empty({n, lq, m * d}, value.options());
   if (out.numel() == 0) return out;
   if (value.size(1) == 0) return out.zero_();
-  const int v = pick_vector(value, nullptr);
+  const int v = pick_vector(value, nullptr, opt.forward_vector);
   const Launch lp = plan(value, sampling_locations, v);
   dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
            ForwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
@@ -225,6 +247,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights, const at::Tensor& grad_output) {
+  const detail::Options opt = detail::read_options(value.element_size());
   const c10::cuda::CUDAGuard guard(value.device());
   const bool wide = value.scalar_type() == at::kDouble || value.scalar_type() == at::kFloat;
   const auto acc_dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -232,11 +255,11 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& value, const at::Tensor&
   auto grad_loc = at::empty_like(sampling_locations);
   auto grad_attn = at::empty_like(attention_weights);
   if (grad_output.numel() > 0 && value.numel() > 0) {
-    const int v = pick_vector(value, &grad_output);
+    const int v = pick_vector(value, &grad_output, opt.backward_vector);
     Launch lp = plan(value, sampling_locations, v);
-    if (detail::backward_variant() == 2) {
+    if (opt.backward_variant == 2) {
       lp.threads = detail::kBlockThreads;
-      detail::plan_backward_v2(lp, value);
+      detail::plan_backward_v2(lp, value, opt);
     }
     dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
              BackwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations,

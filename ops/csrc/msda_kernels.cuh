@@ -12,7 +12,8 @@
 // (32 bytes: two 16-byte loads per corner for float32, one for the half types). The group's threads
 // compute the same bilinear coordinates, so fewer, wider threads per pair waste fewer instructions:
 // for D = 32 a float32 or bfloat16 group is 4 threads reading one 128- or 64-byte line per corner.
-// (The host picks V; MSDA_CUDA_MAX_VECTOR caps it for benchmarking.)
+// (The host picks V per direction: by default 16 bytes per thread in the forward, at most 4 channels
+// in the backward; MSDA_CUDA_FWD_VECTOR / MSDA_CUDA_BWD_VECTOR / MSDA_CUDA_MAX_VECTOR override.)
 //
 // Staging. Before the loop over levels and points, a block copies the locations and weights of all
 // its pairs (a contiguous range of memory) into shared memory with coalesced loads, converted to
@@ -27,9 +28,9 @@
 // vector atomic per 4 channels and corner on sm_90 (float4 / float2 atomicAdd), scalar atomics elsewhere; for
 // half types that buffer is cast to the value dtype at the end.
 //
-// Backward v2 (opt-in, MSDA_CUDA_BWD=v2, not yet measured on a GPU): blocks of one (batch, head) and
-// a tile of queries reduce the coarse levels' value gradients in shared memory first; see
-// msda_backward_v2.cuh.
+// Backward v2 (opt-in, MSDA_CUDA_BWD=v2; H200 figures in docs/benchmarks.md): blocks of one
+// (batch, head) and a tile of queries reduce the coarse levels' value gradients in shared memory
+// first; see msda_backward_v2.cuh.
 #pragma once
 
 #include <c10/util/BFloat16.h>
