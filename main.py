@@ -200,6 +200,23 @@ def _log_truncation(args: argparse.Namespace, resume: Any, step: int) -> int | N
     return step if resume is not None else -1
 
 
+def _drop_stale_detection_pictures(plots_dir: Path, keep_until_step: int | None) -> int:
+    """Deletes `detections_step*.png` drawn after `keep_until_step` (all for a fresh run, -1): they
+    belong to an earlier run in the same directory and would be mistaken for this one's."""
+    if keep_until_step is None or not plots_dir.is_dir():
+        return 0
+    dropped = 0
+    for png in plots_dir.glob("detections_step*.png"):
+        step = png.stem.removeprefix("detections_step")
+        if step.isdigit() and int(step) > keep_until_step:
+            png.unlink()
+            dropped += 1
+    if dropped:
+        log.info("%s: removed %d detection picture(s) of an earlier run from %s",
+                 "fresh run" if keep_until_step < 0 else f"resume at step {keep_until_step}", dropped, plots_dir)
+    return dropped
+
+
 def run(args: argparse.Namespace, cfg: Config | None = None,
         build_model_fn: Callable | None = None, build_data_fn: Callable | None = None) -> dict:
     """Everything `main` does; the builders can be replaced (tests use tiny fakes).
@@ -290,6 +307,8 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
     run_logger = RunLogger(out_dir, enabled=accelerator.is_main_process,
                            tensorboard=cfg.runtime.tensorboard,
                            truncate_after_step=_log_truncation(args, resume, state.step))
+    if accelerator.is_main_process:
+        _drop_stale_detection_pictures(out_dir / "plots", _log_truncation(args, resume, state.step))
     eval_model = (lambda: ema.module if (ema is not None and cfg.runtime.eval_ema) else model)
 
     def run_eval(tag: str) -> dict | None:

@@ -7,6 +7,7 @@ they come from accelerate (`accelerate config` or `configs/accelerate/*.yaml`).
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,6 +27,13 @@ class OptimConfig:
     # "default": official grouping -- lr_linear_proj_mult is NOT applied (official behaviour).
     # "ddetr_in_mmdet": the deformable-attention offset/reference layers get lr * lr_linear_proj_mult.
     param_dict_type: Literal["default", "ddetr_in_mmdet"] = "default"
+    # lr multiplier for the last linear layer of every box head (4 box deltas, or UGS's 4(n+1) bin
+    # logits), matched by `lr_box_head_last_pattern` (a regular expression on parameter names); 1.0
+    # is the official behaviour. Adam moves each weight by about lr per step whatever the gradient's
+    # size, and a softmax over n+1 bins needs all its logits to move before its expectation does, so
+    # a zero-initialised bin head trained from scratch is slow at the shared lr (docs/ugs.md).
+    lr_box_head_last_mult: float = 1.0
+    lr_box_head_last_pattern: str = r"bbox_embed(\.\d+)?\.layers\.2\.(weight|bias)$"
     weight_decay: float = 1e-4
     epochs: int = 12
     # Step schedule (stepped once per epoch, gamma 0.1): a single drop at `lr_drop`, or several
@@ -55,6 +63,13 @@ class OptimConfig:
                               f"{self.gradient_accumulation_steps}")
         if self.batch_size < 1:
             raise ConfigError(f"optim.batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr_box_head_last_mult > 0:
+            raise ConfigError(f"optim.lr_box_head_last_mult must be > 0, got {self.lr_box_head_last_mult}")
+        try:
+            re.compile(self.lr_box_head_last_pattern)
+        except re.error as exc:
+            raise ConfigError(f"optim.lr_box_head_last_pattern {self.lr_box_head_last_pattern!r} is not a "
+                              f"regular expression: {exc}") from exc
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"optim.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.max_nonfinite_steps < 1:

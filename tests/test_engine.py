@@ -58,6 +58,33 @@ def _log(out: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------
 # Parameter groups and schedule
 # ------------------------------------------------------------------------------------------
+def test_box_head_last_layer_group_holds_exactly_the_bin_logit_layers() -> None:
+    from configs import load_config
+    from configs.overrides import ConfigError
+    from models.build import build_model
+    from util.optim import param_groups
+
+    cfg = load_config("demo_synthetic")  # a UGS model from random weights (no download)
+    built = build_model(cfg)
+    model = built[0] if isinstance(built, tuple) else built
+    cfg.optim.lr_box_head_last_mult = 1.0
+    assert {g["name"] for g in param_groups(model, cfg.optim)} == {"main", "backbone"}
+    cfg.optim.lr_box_head_last_mult = 10.0
+    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    assert sorted(groups["box_head_last"]["param_names"]) == [
+        "transformer.decoder.bbox_embed.0.layers.2.bias", "transformer.decoder.bbox_embed.0.layers.2.weight",
+        "transformer.enc_out_bbox_embed.layers.2.bias", "transformer.enc_out_bbox_embed.layers.2.weight"]
+    assert groups["box_head_last"]["lr"] == pytest.approx(10 * cfg.optim.lr)
+    names = [n for g in groups.values() for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each once
+    cfg.optim.lr_box_head_last_pattern = "no_such_layer$"
+    with pytest.raises(ValueError, match="lr_box_head_last_pattern"):
+        param_groups(model, cfg.optim)
+    cfg.optim.lr_box_head_last_pattern = "("
+    with pytest.raises(ConfigError, match="lr_box_head_last_pattern"):
+        cfg.optim.check()
+
+
 def test_param_groups_default_never_applies_linear_proj_mult() -> None:
     from configs.train import OptimConfig
     from util.optim import build_optimizer, build_scheduler, param_groups
@@ -222,6 +249,22 @@ def test_fresh_run_starts_new_logs_and_resume_keeps_them(tmp_path: Path) -> None
     assert read_jsonl(tmp_path / "log.jsonl") == [{"step": 1, "loss": 9.0}]
     RunLogger(tmp_path, tensorboard=False, truncate_after_step=None)  # --eval: appends only
     assert len(read_jsonl(tmp_path / "log.jsonl")) == 1
+
+
+def test_stale_detection_pictures_are_dropped_like_the_logs(tmp_path: Path) -> None:
+    from main import _drop_stale_detection_pictures
+
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    for step in (100, 200, 300):
+        (plots / f"detections_step{step:07d}.png").write_bytes(b"png")
+    (plots / "loss_curves.png").write_bytes(b"png")
+    assert _drop_stale_detection_pictures(plots, None) == 0  # --eval keeps everything
+    assert _drop_stale_detection_pictures(plots, 200) == 1  # resume at step 200
+    assert sorted(p.name for p in plots.iterdir()) == ["detections_step0000100.png", "detections_step0000200.png",
+                                                       "loss_curves.png"]
+    assert _drop_stale_detection_pictures(plots, -1) == 2  # fresh run
+    assert [p.name for p in plots.iterdir()] == ["loss_curves.png"]
 
 
 def test_detection_plot_falls_back_to_top_scores_for_a_weak_model(tmp_path: Path) -> None:

@@ -3,11 +3,13 @@
 Official DINO's default grouping (`param_dict_type='default'`) has two groups: backbone
 parameters at `lr_backbone`, everything else at `lr`. Its `lr_linear_proj_mult` is never applied
 by that grouping (dino_reference.md pitfall 25); we reproduce that by default and offer the
-multiplier through `param_dict_type='ddetr_in_mmdet'`.
+multiplier through `param_dict_type='ddetr_in_mmdet'`. `lr_box_head_last_mult` (ours, default 1)
+moves the box heads' last layers into a group of their own with either grouping.
 """
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 from torch import nn
@@ -49,13 +51,22 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
     else:
         raise ValueError(f"optim.param_dict_type {cfg.param_dict_type!r} is not one of "
                          "['default', 'ddetr_in_mmdet']")
+    if cfg.lr_box_head_last_mult != 1.0:
+        pattern = re.compile(cfg.lr_box_head_last_pattern)
+        head = [(n, p) for n, p in trainable if pattern.search(n) and n not in backbone_names]
+        if not head:
+            raise ValueError(f"optim.lr_box_head_last_mult={cfg.lr_box_head_last_mult}: no parameter name matches "
+                             f"optim.lr_box_head_last_pattern {cfg.lr_box_head_last_pattern!r}")
+        head_names = {n for n, _ in head}
+        groups = [(g, [(n, p) for n, p in items if n not in head_names], lr) for g, items, lr in groups]
+        groups.append(("box_head_last", head, cfg.lr * cfg.lr_box_head_last_mult))
     return [{"name": name, "params": [p for _, p in items], "param_names": [n for n, _ in items],
              "lr": lr} for name, items, lr in groups]
 
 
 def describe_groups(groups: list[dict]) -> list[str]:
     """One line per group: name, lr, number of tensors and of scalar parameters."""
-    return [f"param group {g['name']:<12} lr {g['lr']:.2e}  tensors {len(g['params']):>4}  "
+    return [f"param group {g['name']:<13} lr {g['lr']:.2e}  tensors {len(g['params']):>4}  "
             f"parameters {sum(p.numel() for p in g['params']):>11,}" for g in groups]
 
 
