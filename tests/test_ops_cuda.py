@@ -138,11 +138,13 @@ def test_half_value_with_float32_locations(ext, bwd_variant, dtype, loc_dtype, a
 
 @pytest.mark.parametrize("switch,width", [("MSDA_CUDA_MAX_VECTOR", "1"), ("MSDA_CUDA_MAX_VECTOR", "2"),
                                           ("MSDA_CUDA_MAX_VECTOR", "4"), ("MSDA_CUDA_FWD_VECTOR", "8"),
-                                          ("MSDA_CUDA_BWD_VECTOR", "8"), ("MSDA_CUDA_BWD_VECTOR", "2")])
+                                          ("MSDA_CUDA_BWD_VECTOR", "8"), ("MSDA_CUDA_BWD_VECTOR", "2"),
+                                          ("MSDA_CUDA_FWD_ORDER", "head")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_vector_width_switches(ext, bwd_variant, monkeypatch, dtype, switch, width):
-    """Narrower per-thread vectors (more threads per pair) and the wide non-default ones (8 float32
-    channels per thread in the forward or the backward): same results."""
+    """Narrower per-thread vectors (more threads per pair), the wide non-default ones (8 float32
+    channels per thread in the forward or the backward) and the head-major forward order: same
+    results."""
     monkeypatch.setenv(switch, width)
     check(ext, make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=32, p=3, dtype=dtype, seed=21))
 
@@ -171,6 +173,7 @@ BWD = "backward(v, sp, st, loc, a, g)"
     ({"MSDA_CUDA_MAX_VECTOR": "3"}, FWD, "MSDA_CUDA_MAX_VECTOR must be"),
     ({"MSDA_CUDA_FWD_VECTOR": "16"}, FWD, "MSDA_CUDA_FWD_VECTOR must be an integer in [1, 8], got '16'"),
     ({"MSDA_CUDA_BWD_VECTOR": "x"}, BWD, "MSDA_CUDA_BWD_VECTOR must be"),
+    ({"MSDA_CUDA_FWD_ORDER": "rows"}, FWD, "MSDA_CUDA_FWD_ORDER must be 'query' (the default) or 'head'"),
     ({"MSDA_CUDA_BWD": "v3"}, BWD, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got 'v3'"),
     ({"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "lots"}, BWD, "MSDA_CUDA_BWD_SLAB_KB must be"),
     ({"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_TILE": "-1"}, BWD, "MSDA_CUDA_BWD_TILE must be"),

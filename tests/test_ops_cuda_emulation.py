@@ -194,3 +194,25 @@ def test_plan_v2_tiles_cover_queries():
     assert plan_v2(2, 89000, 8, 32, 8, sms=132)[3] == 1024
     tile = plan_v2(2, 1100, 8, 32, 8, sms=132)[3]
     assert 16 * ((1100 + tile - 1) // tile) >= 132
+
+
+def memory_pair_of_head_major(s: int, lq: int, m: int) -> int:
+    """ops/csrc/msda_kernels.cuh, same integer arithmetic."""
+    per_batch = lq * m
+    n = s // per_batch
+    rem = s - n * per_batch
+    head = rem // lq
+    q = rem - head * lq
+    return (n * lq + q) * m + head
+
+
+@pytest.mark.parametrize("n,lq,m", [(1, 1, 1), (2, 7, 3), (3, 13, 8), (2, 1, 8), (1, 300, 1)])
+def test_head_major_forward_order_is_a_permutation_grouping_one_head(n, lq, m):
+    """MSDA_CUDA_FWD_ORDER=head: every (batch, query, head) pair is computed exactly once, and
+    consecutive schedule slots are consecutive queries of one head (what the order is for)."""
+    order = [memory_pair_of_head_major(s, lq, m) for s in range(n * lq * m)]
+    assert sorted(order) == list(range(n * lq * m))
+    for s in range(n * lq * m - 1):
+        a, b = order[s], order[s + 1]
+        if (s + 1) % lq:  # same (batch, head), next query
+            assert b - a == m and a % m == b % m

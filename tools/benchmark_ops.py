@@ -12,6 +12,8 @@ Implementations (absent ones are skipped with a note):
   ours-bwd8          ours with MSDA_CUDA_BWD_VECTOR=8 (8 channels per thread in the backward, the
                      default before 2026-11-26; the default is 4; CUDA only)
   ours-bwd2          ours with MSDA_CUDA_BWD_VECTOR=2 (CUDA only)
+  ours-fwd-head      ours with MSDA_CUDA_FWD_ORDER=head (forward blocks walk one head's queries;
+                     experimental, not yet measured; CUDA only)
   ours-bwd-v2        ours with MSDA_CUDA_BWD=v2: backward reducing coarse-level value gradients in shared
                      memory (ops/csrc/msda_backward_v2.cuh; CUDA only)
   ours-bwd-v2-big    ours-bwd-v2 with MSDA_CUDA_BWD_SLAB_KB=200 (opt-in shared memory: the 25x42 level in
@@ -97,8 +99,8 @@ def make_inputs(kind: str, levels, batch: int, heads: int, channels: int, points
 
 # ---- implementations ------------------------------------------------------------------------------
 # The kernel switches of ops/csrc, read by the extension at every forward / backward call.
-KERNEL_ENV = ("MSDA_CUDA_MAX_VECTOR", "MSDA_CUDA_FWD_VECTOR", "MSDA_CUDA_BWD_VECTOR", "MSDA_CUDA_BWD",
-              "MSDA_CUDA_BWD_SLAB_KB", "MSDA_CUDA_BWD_TILE")
+KERNEL_ENV = ("MSDA_CUDA_MAX_VECTOR", "MSDA_CUDA_FWD_VECTOR", "MSDA_CUDA_BWD_VECTOR", "MSDA_CUDA_FWD_ORDER",
+              "MSDA_CUDA_BWD", "MSDA_CUDA_BWD_SLAB_KB", "MSDA_CUDA_BWD_TILE")
 
 
 def ours(device: str, env: dict[str, str] | None = None) -> Impl:
@@ -127,6 +129,7 @@ OUR_VARIANTS = {
     "ours-fwd8": {"MSDA_CUDA_FWD_VECTOR": "8"},
     "ours-bwd8": {"MSDA_CUDA_BWD_VECTOR": "8"},
     "ours-bwd2": {"MSDA_CUDA_BWD_VECTOR": "2"},
+    "ours-fwd-head": {"MSDA_CUDA_FWD_ORDER": "head"},
     "ours-bwd-v2": {"MSDA_CUDA_BWD": "v2"},
     "ours-bwd-v2-big": {"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "200"},
 }

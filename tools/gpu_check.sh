@@ -112,7 +112,7 @@ fi
 
 # 4. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
 step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda \
-  --impls ours,ours-fwd8,ours-bwd8,ours-bwd2,ours-bwd-v2,pytorch,original \
+  --impls ours,ours-fwd-head,ours-fwd8,ours-bwd8,ours-bwd-v2,pytorch,original \
   --msda-original .gpu_carry/msda_original --write-docs --docs-path "$OUT/benchmarks.md" \
   --partial "$OUT/bench_ops_partial.md" --json "$OUT/bench_ops.json"
 

@@ -23,6 +23,7 @@ namespace {
 // allocation or launch), so a bad value fails early with a message naming the variable.
 //   MSDA_CUDA_FWD_VECTOR / MSDA_CUDA_BWD_VECTOR (1, 2, 4 or 8): channels per thread in the forward /
 //     backward; MSDA_CUDA_MAX_VECTOR (same values) caps both, for tests and benchmarks.
+//   MSDA_CUDA_FWD_ORDER ("query" default, "head"): the forward's pair order (experimental).
 //   MSDA_CUDA_BWD ("v1" default, "v2"), MSDA_CUDA_BWD_TILE, MSDA_CUDA_BWD_SLAB_KB: backward v2.
 int env_int(const char* name, int fallback, int lo, int hi) {
   const char* env = std::getenv(name);
@@ -41,6 +42,7 @@ int env_vector(const char* name, int fallback) {
 }
 
 struct Options {
+  bool forward_head_major = false;
   int forward_vector = 8;
   int backward_vector = 4;
   int backward_variant = 1;
@@ -59,6 +61,12 @@ Options read_options(int64_t elem) {
   const int cap = env_vector("MSDA_CUDA_MAX_VECTOR", 8);
   o.forward_vector = std::min(cap, env_vector("MSDA_CUDA_FWD_VECTOR", fwd_default));
   o.backward_vector = std::min(cap, env_vector("MSDA_CUDA_BWD_VECTOR", 4));
+  const char* order = std::getenv("MSDA_CUDA_FWD_ORDER");
+  if (order != nullptr && order[0] != '\0' && std::strcmp(order, "query") != 0) {
+    MSDA_CHECK(std::strcmp(order, "head") == 0, "MSDA_CUDA_FWD_ORDER must be 'query' (the default) or 'head', got '",
+               order, "'");
+    o.forward_head_major = true;
+  }
   const char* env = std::getenv("MSDA_CUDA_BWD");
   if (env != nullptr && env[0] != '\0' && std::strcmp(env, "v1") != 0) {
     MSDA_CHECK(std::strcmp(env, "v2") == 0, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got '", env,
@@ -236,7 +244,12 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
   if (out.numel() == 0) return out;
   if (value.size(1) == 0) return out.zero_();
   const int v = pick_vector(value, nullptr, opt.forward_vector);
-  const Launch lp = plan(value, sampling_locations, v);
+  Launch lp = plan(value, sampling_locations, v);
+  if (opt.forward_head_major) {  // a block's pairs are not contiguous in memory: no staging
+    lp.g.head_major = 1;
+    lp.g.stage = 0;
+    lp.smem = detail::align16(sizeof(int) * 3 * lp.g.levels);
+  }
   dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
            ForwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                          out});

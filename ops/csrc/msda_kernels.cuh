@@ -91,6 +91,18 @@ __device__ inline void load_level_table_and_stage(const int64_t* __restrict__ sh
   __syncthreads();
 }
 
+// Head-major forward order (opt-in, MSDA_CUDA_FWD_ORDER=head): the s-th pair of the schedule is
+// (batch n, head m, query q) with q fastest, so the blocks resident at a time read one head's slice
+// of each value row; returns its index in the memory order (n, q, m) of locations and output.
+__device__ __forceinline__ int64_t memory_pair_of_head_major(int64_t s, const Geometry& g) {
+  const int64_t per_batch = static_cast<int64_t>(g.lq) * g.m;
+  const int64_t n = s / per_batch;
+  const int64_t rem = s - n * per_batch;
+  const int64_t head = rem / g.lq;
+  const int64_t q = rem - head * g.lq;
+  return (n * g.lq + q) * g.m + head;
+}
+
 template <typename TL, typename acc_t>
 __device__ inline void fetch_sample(const TL* __restrict__ loc, const TL* __restrict__ attn,
                                     const acc_t* sx, const acc_t* sy, const acc_t* sw, const Geometry& g,
@@ -239,8 +251,9 @@ __global__ void __launch_bounds__(kBlockThreads)
 
   const int local_pair = threadIdx.x / g.group;
   const int lane = threadIdx.x % g.group;
-  const int64_t pair = first_pair + local_pair;
   if (local_pair >= pairs_here) return;  // forward has no group-wide collectives after staging
+  const int64_t pair = g.head_major ? memory_pair_of_head_major(first_pair + local_pair, g)
+                                    : first_pair + local_pair;
 
   const int md = g.m * g.d;
   const int64_t n = pair / (static_cast<int64_t>(g.lq) * g.m);

@@ -23,6 +23,7 @@ struct Geometry {
   int group;           // G threads per pair (power of two <= 32)
   int chunks;          // D / V
   int stage;           // 1: locations/weights staged in shared memory
+  int head_major = 0;  // forward only: blocks walk (batch, head, query), query fastest (no staging)
   // backward v2 only (msda_backward_v2.cuh)
   int tile;                // queries per block
   int64_t slab_capacity;   // shared-memory slab size in accumulation-type elements
