@@ -67,7 +67,9 @@ def config() -> Config:
     # At x10,
     # neither lr 1.2e-3 (0.406 @1000), EMA of weights (decay 0.995: 0.158 @512, it lags), 200
     # denoising queries (0.118 @256 at 1.3x the step time) nor a stride-4 level (2.1x the step
-    # time) helped within the time budget.
+    # time) helped within the time budget. This config at 1100 steps, 1 thread, two runs at a
+    # time: the class heads at x10 too 0.441, dn_number=50 0.438 (but 1.16x faster per step: a
+    # candidate for more steps in the same time), against 0.448 for the run below (2 threads).
     o.lr_box_head_last_mult = 10.0
     o.epochs = 4  # max_steps ends the fourth epoch early
     # lr x0.1 for the last 236 steps (from step 864): measured earlier (950 steps, 1 thread, drop at
