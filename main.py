@@ -304,11 +304,11 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
             log.info("resumed %s at epoch %d, step %d", resume, state.epoch, state.step)
         del ckpt
 
+    keep_until_step = _log_truncation(args, resume, state.step)
     run_logger = RunLogger(out_dir, enabled=accelerator.is_main_process,
-                           tensorboard=cfg.runtime.tensorboard,
-                           truncate_after_step=_log_truncation(args, resume, state.step))
+                           tensorboard=cfg.runtime.tensorboard, truncate_after_step=keep_until_step)
     if accelerator.is_main_process:
-        _drop_stale_detection_pictures(out_dir / "plots", _log_truncation(args, resume, state.step))
+        _drop_stale_detection_pictures(out_dir / "plots", keep_until_step)
     eval_model = (lambda: ema.module if (ema is not None and cfg.runtime.eval_ema) else model)
 
     def run_eval(tag: str) -> dict | None:

@@ -41,6 +41,15 @@ int env_vector(const char* name, int fallback) {
   return v;
 }
 
+// A two-valued switch: false when unset, empty or `fallback`, true when `alternative`, else an error.
+bool env_choice(const char* name, const char* fallback, const char* alternative) {
+  const char* env = std::getenv(name);
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, fallback) == 0) return false;
+  MSDA_CHECK(std::strcmp(env, alternative) == 0, name, " must be '", fallback, "' (the default) or '", alternative,
+             "', got '", env, "'");
+  return true;
+}
+
 struct Options {
   bool forward_head_major = false;
   int forward_vector = 8;
@@ -61,18 +70,8 @@ Options read_options(int64_t elem) {
   const int cap = env_vector("MSDA_CUDA_MAX_VECTOR", 8);
   o.forward_vector = std::min(cap, env_vector("MSDA_CUDA_FWD_VECTOR", fwd_default));
   o.backward_vector = std::min(cap, env_vector("MSDA_CUDA_BWD_VECTOR", 4));
-  const char* order = std::getenv("MSDA_CUDA_FWD_ORDER");
-  if (order != nullptr && order[0] != '\0' && std::strcmp(order, "query") != 0) {
-    MSDA_CHECK(std::strcmp(order, "head") == 0, "MSDA_CUDA_FWD_ORDER must be 'query' (the default) or 'head', got '",
-               order, "'");
-    o.forward_head_major = true;
-  }
-  const char* env = std::getenv("MSDA_CUDA_BWD");
-  if (env != nullptr && env[0] != '\0' && std::strcmp(env, "v1") != 0) {
-    MSDA_CHECK(std::strcmp(env, "v2") == 0, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got '", env,
-                "'");
-    o.backward_variant = 2;
-  }
+  o.forward_head_major = env_choice("MSDA_CUDA_FWD_ORDER", "query", "head");
+  o.backward_variant = env_choice("MSDA_CUDA_BWD", "v1", "v2") ? 2 : 1;
   o.tile = env_int("MSDA_CUDA_BWD_TILE", 0, 0, 1 << 30);
   o.slab_kb = env_int("MSDA_CUDA_BWD_SLAB_KB", 48, 0, 1 << 20);
   return o;
@@ -92,7 +91,8 @@ int pick_vector(const at::Tensor& value, const at::Tensor* grad_out, int cap) {
   return v;
 }
 
-Launch plan(const at::Tensor& value, const at::Tensor& loc, int v) {
+// head_major (forward only): a block's pairs are M apart in memory, so nothing is staged.
+Launch plan(const at::Tensor& value, const at::Tensor& loc, int v, bool head_major = false) {
   Launch lp;
   Geometry& g = lp.g;
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
@@ -117,8 +117,9 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v) {
   const size_t table = align16(sizeof(int) * 3 * levels);
   const size_t per_pair = 3 * acc_size * levels * points;
   int threads = kBlockThreads;
-  while (threads > 32 && table + per_pair * (threads / group) > kSmemBudget) threads /= 2;
-  g.stage = table + per_pair * (threads / group) <= kSmemBudget ? 1 : 0;
+  while (!head_major && threads > 32 && table + per_pair * (threads / group) > kSmemBudget) threads /= 2;
+  g.head_major = head_major ? 1 : 0;
+  g.stage = !head_major && table + per_pair * (threads / group) <= kSmemBudget ? 1 : 0;
   MSDA_CHECK(table <= kSmemBudget, "ms_deform_attn CUDA: too many levels (", levels, ")");
   lp.threads = threads;
   lp.smem = g.stage ? table + per_pair * (threads / group) : table;
@@ -244,12 +245,7 @@ at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shape
   if (out.numel() == 0) return out;
   if (value.size(1) == 0) return out.zero_();
   const int v = pick_vector(value, nullptr, opt.forward_vector);
-  Launch lp = plan(value, sampling_locations, v);
-  if (opt.forward_head_major) {  // a block's pairs are not contiguous in memory: no staging
-    lp.g.head_major = 1;
-    lp.g.stage = 0;
-    lp.smem = detail::align16(sizeof(int) * 3 * lp.g.levels);
-  }
+  const Launch lp = plan(value, sampling_locations, v, opt.forward_head_major);
   dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
            ForwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
                          out});
