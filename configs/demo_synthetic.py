@@ -2,10 +2,10 @@
 scratch on the embedded synthetic dataset, then evaluated, in at most 10 minutes on 2 CPU cores.
 
 A diff of `dino_tiny`: 128 x 128 scenes with 5-25 objects and no resize augmentation (the cost
-of a step is set by image size), d=128, 4 feature levels from stride 8, 100 queries, UGS on (CE on the
-IN grid + UM; UR's second decoder pass is left off to keep the step cheap), the backbone at the
-full lr because it starts from random weights, and a step budget (`runtime.max_steps`) instead of
-a COCO schedule. Measurements behind each choice are in the comments below.
+of a step is set by image size), timm's ResNet-10-T, d=128, 4 feature levels from stride 8, 100
+queries, UGS on (CE on the IN grid + UM; UR's second decoder pass is left off to keep the step
+cheap), the backbone at the full lr because it starts from random weights, and a step budget
+(`runtime.max_steps`) instead of a COCO schedule. Measurements behind each choice are in the comments below.
 """
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ def config() -> Config:
     cfg = base_config()
     cfg.name = "demo_synthetic"
     m = cfg.model
-    # Backbone: timm's ResNet-18 (features_only) instead of torchvision's with frozen batch norm.
-    # From random weights, frozen BN is the identity (no normalisation at all) and the official
-    # freezing keeps the stem and layer1 at their random init; timm's BN trains everywhere.
-    # Measured (150-200 steps, shared 2-core machine): similar loss curves at 150 steps, and with
-    # lr 4e-4 AP50 0.015 at step 200 vs 0.004 at step 256 for the torchvision/frozen-BN run at 2e-4.
-    m.backbone = "timm:resnet18"
+    # Backbone: timm's ResNet-10-T (features_only): one block per stage and a three-conv stem. From
+    # random weights it learns faster per step than ResNet-18 and is cheaper (fwd+bwd at 4 x 128 x
+    # 128: 72 vs 118 ms). Same recipe otherwise, 1 thread, two runs at a time (2026-11-26, session
+    # 4): AP50 0.471 @1020 / 0.572 @1360 / 0.654 @1700 steps (lr drop at 1360) with ResNet-10-T
+    # against 0.384 @870 / 0.460 @1160 / 0.545 @1450 (drop at 1160) with ResNet-18, whose steps
+    # are also 1.16x slower. timm's BN trains everywhere, unlike the official frozen BN, which is
+    # the identity on random weights (earlier: lr 4e-4, AP50 0.015 @200 steps vs 0.004 @256 for
+    # torchvision's ResNet-18 with frozen BN at 2e-4).
+    m.backbone = "timm:resnet10t"
     m.return_interm_indices = [2, 3, 4]  # timm feature indices: layer2..layer4, strides 8, 16, 32
     m.num_queries = 100
     # d=128 (dino_tiny: 64), 4 heads, FFN 256: ~1.1x the step time of d=64 and faster learning
@@ -37,9 +40,11 @@ def config() -> Config:
     # was not better at 200 steps (AP50 0.004), so it is left out.
     m.num_feature_levels = 4
     m.dec_layers = 3
-    # Denoising groups: official rule G = dn_number // (2 * max objects) for dn_number >= 100, but
-    # G = dn_number below 100 (10 groups x 2 x 25 objects = 500 extra queries); 100 gives G = 2.
-    m.dn_number = 100
+    # Denoising groups (official rule, models/denoising.py): G = 2 * dn_number // (2 * max objects in
+    # the batch) when 2 * dn_number >= 100, so 50 gives 2 groups at 25 objects (100: 4 groups).
+    # dn_number 50 instead of 100: 1.16x faster steps at about the same AP50 per step (1100 steps,
+    # ResNet-18: 0.438 vs 0.448), i.e. more steps in the same time.
+    m.dn_number = 50
 
     cfg.ugs.ablation = "ce_in_um"  # UGS enabled: two-hot CE on the IN grid + uncertainty minimisation
 
@@ -47,7 +52,7 @@ def config() -> Config:
     d.synthetic_image_size = (128, 128)
     d.synthetic_min_objects = 5
     d.synthetic_max_objects = 25
-    d.synthetic_train_images = 1152  # 288 steps per epoch at batch 4
+    d.synthetic_train_images = 1160  # 290 steps per epoch at batch 4: 5 epochs = 1450 steps
     d.synthetic_val_images = 64
     d.train_policy = "none"
     d.eval_policy = "none"
@@ -64,17 +69,15 @@ def config() -> Config:
     # Adam, the expectation of a softmax over 17 bins moves far more slowly per step than L1's 4
     # outputs. 1000-step demo, 1 thread: AP50 0.105 / 0.211 / 0.323 / 0.401 at 256 / 512 / 768 /
     # 1000 steps (x30: 0.128 / 0.226 / 0.332 / 0.385; x1, 2 threads: 0.068 / 0.202 / 0.301 / 0.364).
-    # At x10,
-    # neither lr 1.2e-3 (0.406 @1000), EMA of weights (decay 0.995: 0.158 @512, it lags), 200
-    # denoising queries (0.118 @256 at 1.3x the step time) nor a stride-4 level (2.1x the step
-    # time) helped within the time budget. This config at 1100 steps, 1 thread, two runs at a
-    # time: the class heads at x10 too 0.441, dn_number=50 0.438 (but 1.16x faster per step: a
-    # candidate for more steps in the same time), against 0.448 for the run below (2 threads).
+    # With ResNet-18 at x10 (session 3), neither lr 1.2e-3 (0.406 @1000), EMA of weights (decay
+    # 0.995: 0.158 @512, it lags), 200 denoising queries (0.118 @256 at 1.3x the step time), a
+    # stride-4 level (2.1x the step time) nor the class heads at x10 too (0.441 @1100 vs 0.448)
+    # helped within the time budget.
     o.lr_box_head_last_mult = 10.0
-    o.epochs = 4  # max_steps ends the fourth epoch early
-    # lr x0.1 for the last 236 steps (from step 864): measured earlier (950 steps, 1 thread, drop at
-    # 768) AP50 0.211 @768 -> 0.262 @950
-    o.lr_drop = 3
+    o.epochs = 5
+    # lr x0.1 for the last epoch (from step 1160): the drop is worth ~+0.07 AP50 in its epoch
+    # (0.526 @1160 -> 0.598 @1450 in the run below)
+    o.lr_drop = 4
 
     e = cfg.eval
     e.max_dets = 100
@@ -83,18 +86,16 @@ def config() -> Config:
 
     r = cfg.runtime
     r.output_dir = "outputs/demo"
-    # This config, `python main.py` alone on the idle 2-core machine (2026-11-26, session 3): 1100
-    # steps in 462 s (2.38 steps/s), 7 min 57 s wall in all, peak RSS 1.4 GB; AP50 0.124 @288,
-    # 0.278 @576, 0.377 @864, 0.448 @1100 (AP 0.287). Session 2's config (1000 steps, no
-    # box-head lr multiplier): 2.15 steps/s, 7 min 59 s, AP50 0.068 / 0.202 / 0.301 / 0.364 at
-    # 256 / 512 / 768 / 1000 (AP 0.215). With d=64: 2.40 steps/s, 7 min 10 s, AP50 0.298 @1000.
-    # Earlier from-scratch comparisons (300-step runs: L1 vs CE variants, before the box-head lr
-    # multiplier; easier-data knobs data.synthetic_max_ignored_regions / synthetic_small_side_px,
-    # small gains) are tabled in docs/ugs.md, "Learning speed from scratch". The issue's target
-    # (AP50 >= 0.5) is NOT reached yet.
-    r.max_steps = 1100  # ~2 min under the 10-minute budget at 2.15-2.4 steps/s
-    # torch's default threads (2 here): 2.39 steps/s vs 1.78 with 1 thread on an idle machine (with
-    # fused AdamW). On a machine shared with other jobs, `runtime.num_threads=1` can be faster.
+    # This config, `python main.py` alone on the idle 2-core machine (2026-11-26, session 4): 1450
+    # steps in 485 s (2.99 steps/s), 8 min 19 s wall in all, peak RSS 1.3 GB; AP50 0.170 @290,
+    # 0.279 @580, 0.426 @870, 0.526 @1160, 0.598 @1450 (AP 0.421, APs 0.415, AR 0.625).
+    # Session 3 (ResNet-18, dn_number 100, 1100 steps, 2.38 steps/s, 7 min 57 s): 0.448. Session 2
+    # (no box-head lr multiplier, 1000 steps): 0.364. Earlier from-scratch comparisons are tabled in
+    # docs/ugs.md, "Learning speed from scratch".
+    r.max_steps = 1450  # = 5 epochs; ~1 min 40 s under the 10-minute budget at ~3 steps/s
+    # torch's default threads (2 here): 2.39 steps/s vs 1.78 with 1 thread on an idle machine
+    # (session 3, ResNet-18, fused AdamW). On a machine shared with other jobs,
+    # `runtime.num_threads=1` can be faster.
     r.num_threads = 0
     r.log_interval = 10
     r.checkpoint_interval = 0
