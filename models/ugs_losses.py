@@ -130,6 +130,13 @@ class UGSCriterion(SetCriterion):
         zero = ctx.memory.sum() * 0.0  # keeps the graph connected when nothing is matched
         if not um_total.requires_grad:
             return zero
+        # Host work first. Moving the matched indices to the device and reading num_boxes each wait
+        # for the device queue: here they wait only for the loss kernels, and the UM gradient, the
+        # second decoder pass and its loss are then queued with no host sync in between (after the
+        # gradient, a sync would leave the second pass's kernel launches exposed on a GPU).
+        num_boxes = self.num_boxes(targets, ctx.memory.device)
+        # step-1 matching of each decoder layer; the box head runs on those queries only
+        matched = _flat_pairs_per_layer([used[s] for s in layer_suffixes], ctx.memory.device)
         (grad,) = torch.autograd.grad(um_total, ctx.memory, retain_graph=True, allow_unused=True)
         if grad is None:
             return zero
@@ -141,19 +148,20 @@ class UGSCriterion(SetCriterion):
             grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
         masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
         perturbed = torch.cat(ugs.ur_perturbation(feats, grads, self.ur_rho, masks, self.ur_eps), dim=1)
-        # step-1 matching of each decoder layer; the box head runs on those queries only
-        matched = [_flat_pairs(used[s], perturbed.device) for s in layer_suffixes]
         layer_logits = ctx.rerun(perturbed, matched)  # L x (N_l, 4, n+1)
         self.ur_passes += 1
-        num_boxes = self.num_boxes(targets, perturbed.device)
         total = zero
         for logits in layer_logits:
             total = total + ugs.um_loss(logits).mean(-1).sum() / num_boxes
         return total
 
 
-def _flat_pairs(indices: list[tuple[Tensor, Tensor]], device: torch.device) -> tuple[Tensor, Tensor]:
-    """Per-image (pred_idx, tgt_idx) -> (batch_idx (N,), query_idx (N,)) on `device`."""
-    batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]).to(device)
-    query_idx = torch.cat([src for src, _ in indices]).to(device)
-    return batch_idx, query_idx
+def _flat_pairs_per_layer(layers: list[list[tuple[Tensor, Tensor]]], device: torch.device
+                          ) -> list[tuple[Tensor, Tensor]]:
+    """Per layer, per-image (pred_idx, tgt_idx) -> per layer (batch_idx (N_l,), query_idx (N_l,)) on
+    `device`, with one host-to-device copy for all layers."""
+    batch = [torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]) for indices in layers]
+    query = [torch.cat([src for src, _ in indices]) for indices in layers]
+    sizes = [len(b) for b in batch]
+    both = torch.stack((torch.cat(batch), torch.cat(query))).to(device)  # (2, sum N_l)
+    return [(b, q) for b, q in zip(both[0].split(sizes), both[1].split(sizes))]

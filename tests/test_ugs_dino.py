@@ -171,6 +171,37 @@ def test_ur_runs_second_pass_with_reused_matching():
         assert torch.allclose(some[1], again[1][b[:1], q[:1]], atol=1e-5)
 
 
+@pytest.mark.slow
+def test_ur_loss_equals_its_definition():
+    """loss_ur = sum over decoder layers of the mean-over-coordinates entropy of that layer's
+    step-1-matched queries, after a decoder pass on memory + rho g / ||g|| per image and level
+    (g = d sum_l loss_um_l / d memory), / num_boxes: recomputed here from the public pieces, so a
+    mix-up of layers, queries or the normalisation in the criterion shows."""
+    _, model, criterion, _ = _build(["ugs.ablation=full"])
+    with torch.no_grad():
+        model.bbox_embed[0].layers[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    images, masks, targets = _batch()
+    model.train()
+    criterion.train()
+    out = model(images, masks, targets)
+    losses, used = criterion(out, targets, return_indices=True)
+    suffixes = [f"_{i}" for i in range(len(out["aux_outputs"]))] + [""]
+    assert len({str([src.tolist() for src, _ in used[s]]) for s in suffixes}) > 1  # layers differ
+    ctx = out["ur_context"]
+    (grad,) = torch.autograd.grad(sum(losses[f"loss_um{s}"] for s in suffixes), ctx.memory, retain_graph=True)
+    feats, grads = ctx.memory.split(ctx.level_sizes, 1), grad.split(ctx.level_sizes, 1)
+    masks_l = ctx.padding_mask.split(ctx.level_sizes, 1)
+    with torch.no_grad():
+        perturbed = torch.cat(ugs.ur_perturbation(feats, grads, criterion.ur_rho, masks_l), 1)
+        per_layer = ctx.rerun(perturbed)  # all queries, (B, Q, 4, n+1) per layer
+    num_boxes = sum(len(t["labels"]) for t in targets)
+    expected = 0.0
+    for s, logits in zip(suffixes, per_layer):
+        for b, (src, _) in enumerate(used[s]):
+            expected += ugs.um_loss(logits[b, src].double()).mean(-1).sum().item() / num_boxes
+    assert losses["loss_ur"].item() == pytest.approx(expected, rel=1e-5)
+
+
 def test_weight_dicts_of_the_ablation_rows():
     _, _, crit_l1, _ = _build(["ugs.ablation=l1"])
     assert "loss_box_ce" not in crit_l1.weight_dict and crit_l1.weight_dict["loss_bbox"] == 5.0
