@@ -128,6 +128,17 @@ def test_benchmark_ugs_comparison_cpu_one_step():
     assert res["ugs_ur_on_cpu_time_ratio"] > 0 and res["dino"]["step_cpu_ms"] > 0
 
 
+@pytest.mark.slow
+def test_benchmark_profile_variants_cpu():
+    from tools import benchmark_model
+
+    res, text = benchmark_model.profile_variants("dino_tiny", TINY, torch.device("cpu"), 1, 64, 64, 3, warmup=0,
+                                                 top=5)
+    assert set(res) == {"dino", "ugs_ur_off", "ugs_ur_on"}
+    assert all(r["wall_ms"] > 0 and r["ops"] > 10 and r["device_busy_ms"] == 0 for r in res.values())
+    assert "UGS, UR on (full)" in text and "aten::" in text
+
+
 def test_per_object_loss_weights_match_the_criterion():
     """The per-object localisation loss summed and divided by num_boxes equals the criterion's
     weighted box-regression term (baseline: L1; UGS: CE) for the final layer."""

@@ -12,7 +12,8 @@ CPU (always): eval forward time of one 512x512 image (R50), and the same DINO vs
 the tiny config (`dino_tiny`: ResNet-18, d=64, 2+2 layers) at 2 x 128x128 with 10 boxes per image
 (step time only; CPU peak memory is not measured).
 
-    python tools/benchmark_model.py [--iters 5] [--warmup 2] [--cpu-only] [--skip-ugs] [--out results.json]
+    python tools/benchmark_model.py [--iters 5] [--warmup 2] [--cpu-only] [--skip-ugs] [--profile]
+        [--out results.json]
 
 Random weights and inputs (timings do not depend on them; the targets have boxes so matching and
 denoising do real work). Keep it short: the default settings run in well under 150 s on one
@@ -224,6 +225,46 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
     return result
 
 
+def profile_variants(config: str, overrides: list[str], device: torch.device, batch_size: int, h: int, w: int,
+                     boxes: int, max_box: float = 0.03, variants: tuple = UGS_VARIANTS, top: int = 20,
+                     warmup: int = 2) -> tuple[dict, str]:
+    """One profiled training step per variant (torch.profiler), after `warmup` steps.
+
+    Returns ({key: {"wall_ms", "device_busy_ms", "ops"}}, text): on CUDA, device_busy_ms is the sum
+    of kernel time, so busy/wall well below 1 means the step waits on the host (kernel launches,
+    host syncs) rather than on the GPU; text holds the `top` ops by self device time (by self CPU
+    time on CPU) per variant.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    result: dict = {}
+    texts = []
+    for key, label, override in variants:
+        model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
+        batch = make_batch(batch_size, h, w, boxes, device, num_classes, max_box)
+        step = make_step(model, criterion, optimizer, batch, device)
+        for _ in range(warmup):
+            step()
+        sync(device)
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            step()
+            sync(device)
+            wall_ms = (time.perf_counter() - start) * 1000
+        events = prof.key_averages()
+        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1000
+        result[key] = {"label": label, "wall_ms": wall_ms, "device_busy_ms": busy_ms, "ops": len(events)}
+        ratio = f", device busy {busy_ms:.1f} ms = {busy_ms / wall_ms:.2f} of wall" if device.type == "cuda" else ""
+        texts.append(f"### {label}: profiled step {wall_ms:.1f} ms wall (profiler on){ratio}\n"
+                     + events.table(sort_by=sort_key, row_limit=top))
+        del model, criterion, optimizer, batch, step, prof
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result, "\n\n".join(texts)
+
+
 def ugs_table(result: dict, title: str) -> str:
     """Markdown table of a `ugs_comparison` result."""
     s = result["setup"]
@@ -290,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-ugs-iters", type=int, default=5, help="CPU: timed steps per UGS variant")
     parser.add_argument("--cpu-ugs-warmup", type=int, default=1, help="CPU: untimed steps per UGS variant")
     parser.add_argument("--cpu-ugs-size", type=int, default=128, help="CPU: square input side (dino_tiny)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
+                             "top ops and, on a GPU, how busy the device is during the step")
     parser.add_argument("--out", type=Path, help="also write the results JSON here (atomically)")
     args = parser.parse_args(argv)
     results: dict = {"torch": torch.__version__}
@@ -306,6 +350,10 @@ def main(argv: list[str] | None = None) -> int:
             results["ugs_cuda"] = ugs_gpu
             tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, fp32)"))
             print(tables[-1], flush=True)
+            if args.profile:
+                results["ugs_cuda_profile"], text = profile_variants(
+                    "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60)
+                print(text, flush=True)
     else:
         print("no GPU benchmarks (no CUDA device or --cpu-only)", flush=True)
     if not args.skip_dino:
@@ -317,6 +365,10 @@ def main(argv: list[str] | None = None) -> int:
         results["ugs_cpu"] = ugs_cpu
         tables.append(ugs_table(ugs_cpu, "DINO vs UGS-DINO training step (CPU, tiny config)"))
         print(tables[-1], flush=True)
+        if args.profile:
+            results["ugs_cpu_profile"], text = profile_variants("dino_tiny", [], torch.device("cpu"), 2, n, n, 10,
+                                                                max_box=0.1, warmup=1)
+            print(text, flush=True)
     print("\n\n".join(tables), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -123,7 +123,7 @@ step bench_deformops 170 "$PY" tools/benchmark_ops.py --device cuda --impls ours
 
 # 6. another helper's model benchmark, if it exists
 if [ -f tools/benchmark_model.py ]; then
-  step bench_model 150 "$PY" tools/benchmark_model.py
+  step bench_model 180 "$PY" tools/benchmark_model.py --profile
 fi
 
 echo "== total $(( $(date +%s) - START )) s"; cat "$OUT/steps.txt"
