@@ -352,6 +352,8 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
                              on_checkpoint=save)
     metrics = None
     t_start, step_start = time.time(), state.step
+    if cfg.runtime.max_train_minutes:
+        settings.deadline = time.monotonic() + 60.0 * cfg.runtime.max_train_minutes
     for epoch in range(state.epoch, cfg.optim.epochs):
         if cfg.runtime.max_steps and state.step >= cfg.runtime.max_steps:
             break
@@ -368,12 +370,19 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
             log.error("training aborted; the last checkpoint (%s) is from before these steps",
                       out_dir / CHECKPOINT_LAST)
             raise
-        scheduler.step()
-        state.epoch, state.batches_in_epoch = epoch + 1, 0
         elapsed = time.time() - t_start
-        log.info("epoch %d done: step %d, %.2f steps/s, mean loss %.4f", epoch, state.step,
-                 (state.step - step_start) / max(elapsed, 1e-9), means.get("loss", math.nan))
-        last = state.epoch >= cfg.optim.epochs or bool(
+        if state.deadline_reached and state.batches_in_epoch < len(train_loader):
+            # mid-epoch: keep the epoch and its consumed batches, so --resume continues right here
+            log.warning("runtime.max_train_minutes=%g reached in epoch %d after step %d (%d of %d "
+                        "batches): training stops here; evaluation and checkpoint follow, --resume "
+                        "continues", cfg.runtime.max_train_minutes, epoch, state.step,
+                        state.batches_in_epoch, len(train_loader))
+        else:
+            scheduler.step()
+            state.epoch, state.batches_in_epoch = epoch + 1, 0
+            log.info("epoch %d done: step %d, %.2f steps/s, mean loss %.4f", epoch, state.step,
+                     (state.step - step_start) / max(elapsed, 1e-9), means.get("loss", math.nan))
+        last = state.deadline_reached or state.epoch >= cfg.optim.epochs or bool(
             cfg.runtime.max_steps and state.step >= cfg.runtime.max_steps)
         if last or state.epoch % cfg.eval.interval == 0:
             metrics = run_eval(f"epoch {epoch}")

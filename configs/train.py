@@ -112,6 +112,10 @@ class RuntimeConfig:
     checkpoint_every_steps: int = 0
     # Stop after this many optimizer steps in total (0: no limit). For smoke tests and the demo.
     max_steps: int = 0
+    # Stop training after this many minutes of it in this invocation (0: no limit), at an optimizer
+    # step boundary, then evaluate and save as at the end; `--resume` continues from that step. A
+    # wall-clock cap for time-boxed runs (the CPU demo on a shared machine whose speed varies).
+    max_train_minutes: float = 0.0
     tensorboard: bool = True  # only when the tensorboard package is installed
     # torch intra-op CPU threads per process (0: torch's default). On a busy shared CPU, 1 thread
     # can be several times faster than 2 (OpenMP threads spin while waiting for a core).
@@ -125,6 +129,8 @@ class RuntimeConfig:
     eval_ema: bool = True
 
     def check(self) -> None:
+        if not self.max_train_minutes >= 0:
+            raise ConfigError(f"runtime.max_train_minutes must be >= 0 (0: no limit), got {self.max_train_minutes}")
         if (self.max_steps < 0 or self.log_interval < 1 or self.checkpoint_interval < 0 or self.num_threads < 0
                 or self.checkpoint_every_steps < 0):
             raise ConfigError("runtime.max_steps, runtime.checkpoint_interval, runtime.checkpoint_every_steps "

@@ -234,6 +234,29 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path: Path) -> None:
     assert torch.equal(a["rng"][0]["torch"], b["rng"][0]["torch"])
 
 
+def test_train_time_limit_stops_mid_epoch_then_evaluates_and_resume_continues(tmp_path: Path) -> None:
+    """runtime.max_train_minutes (a limit already past after the first step): training stops after
+    that step, inside epoch 0 of 4-step epochs, evaluates and saves with the epoch kept open;
+    `--resume auto` without the limit then ends bit-identical to an uninterrupted run."""
+    from util.checkpoint import load_checkpoint
+
+    straight, limited = tmp_path / "straight", tmp_path / "limited"
+    _run(straight)
+    result = _run(limited, extra=["runtime.max_train_minutes=1e-9"])
+    assert result["state"].deadline_reached and result["metrics"] is not None
+    ckpt = load_checkpoint(limited / "checkpoint_last.pth")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["train_state"]["batches_in_epoch"]) == (1, 0, 1)
+    assert "deadline_reached" not in ckpt["train_state"]  # this invocation only
+    assert (limited / "metrics.json").is_file() and [r["step"] for r in _log(limited)] == [1]
+    _reset_accelerate()
+    _run(limited, ["--resume", "auto"])
+    assert _log(limited) == _log(straight)
+    a = load_checkpoint(straight / "checkpoint_last.pth")
+    b = load_checkpoint(limited / "checkpoint_last.pth")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
 def test_fresh_run_starts_new_logs_and_resume_keeps_them(tmp_path: Path) -> None:
     from util.logging import RunLogger, read_jsonl
 

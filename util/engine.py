@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -41,6 +42,8 @@ class TrainState:
     skipped_steps: int = 0
     # loader batches of `epoch` already consumed (a mid-epoch checkpoint); 0 at epoch boundaries
     batches_in_epoch: int = 0
+    # set when `TrainSettings.deadline` stopped training (this invocation only; not saved)
+    deadline_reached: bool = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "step": self.step, "nonfinite_streak": self.nonfinite_streak,
@@ -58,6 +61,7 @@ class TrainSettings:
     clip_max_norm: float = 0.1
     max_nonfinite_steps: int = 5
     max_steps: int = 0  # total optimizer steps at which to stop (0: no limit)
+    deadline: float | None = None  # time.monotonic() after which to stop at the next step boundary
     log_interval: int = 10
     extra_log: dict[str, Any] = field(default_factory=dict)
     # every this many optimizer steps (0: never), `on_checkpoint()` saves a mid-epoch checkpoint
@@ -101,13 +105,15 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     logger: Any | None = None) -> dict[str, float]:
     """One pass over `data_loader` (already prepared by accelerate). Returns the mean of each
     logged quantity over the optimizer steps taken. Stops early when `settings.max_steps` total
-    steps are reached (check `state.step` afterwards)."""
+    steps are reached (check `state.step` afterwards) or, after the step in progress, when
+    `settings.deadline` has passed (`state.deadline_reached`)."""
     model.train()
     criterion.train()
     weight_dict = criterion.weight_dict
     sums: dict[str, float] = {}
     n_logged = 0
     window: dict[str, list[torch.Tensor]] = {}  # loss terms of the micro-batches of one step
+    stop_after_step = False
     bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process,
                dynamic_ncols=True, leave=False)
     for images, masks, targets in bar:
@@ -121,11 +127,16 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     loss_dict = criterion(outputs, targets)
                     loss = weighted_loss(loss_dict, weight_dict)
                 keys = sorted(loss_dict)
+                deadline = [] if settings.deadline is None else [torch.full(
+                    (), float(time.monotonic() >= settings.deadline), device=loss.device)]  # no host copy
                 local = torch.stack([loss.detach().float()]
-                                    + [loss_dict[k].detach().float().reshape(()) for k in keys])
-                # One all_reduce serves logging and the guard: a non-finite value on any process
-                # makes the sum non-finite everywhere, so every process takes the same branch.
+                                    + [loss_dict[k].detach().float().reshape(()) for k in keys] + deadline)
+                # One all_reduce serves logging, the guard and the deadline: a non-finite value on
+                # any process makes the sum non-finite everywhere, and the deadline flag (last
+                # entry) is > 0 everywhere once one process is past it, so every process takes
+                # the same branch.
                 reduced = accelerator.reduce(local, reduction="mean")
+                stop_after_step = stop_after_step or bool(deadline and reduced[-1] > 0)
                 finite = bool(torch.isfinite(reduced).all())
                 if finite:
                     accelerator.backward(loss)
@@ -179,6 +190,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             if (settings.checkpoint_every_steps and settings.on_checkpoint is not None
                     and state.step % settings.checkpoint_every_steps == 0):
                 settings.on_checkpoint()
+            if stop_after_step:
+                state.deadline_reached = True
+                break
     bar.close()
     return {k: v / max(n_logged, 1) for k, v in sums.items()}
 
