@@ -111,32 +111,39 @@ class UGSCriterion(SetCriterion):
         self.ur_weight, self.ur_rho, self.ur_eps = float(ur_weight), float(ur_rho), float(ur_eps)
         self.ur_levels = None if ur_levels is None else sorted(set(int(lv) for lv in ur_levels))
         self.ur_passes = 0  # second decoder passes run so far (tests and benchmarks read it)
+        self._matched: dict[str, MatchedPairs] = {}  # this forward's pairs per output set, for UR
 
     def forward(self, outputs: dict, targets: list[dict], indices: dict | None = None,
                 return_indices: bool = False):
+        self._matched = {}
         losses, used = super().forward(outputs, targets, indices, return_indices=True)
         if self.ur_weight > 0:
             ctx = outputs.get("ur_context")
             if ctx is None or not self.training:
                 losses["loss_ur"] = torch.zeros((), device=outputs["pred_logits"].device)
             else:
-                losses["loss_ur"] = self.ur_loss(ctx, outputs, targets, losses, used)
+                losses["loss_ur"] = self.ur_loss(ctx, outputs, losses)
+        self._matched = {}
         return (losses, used) if return_indices else losses
 
-    def ur_loss(self, ctx, outputs: dict, targets: list[dict], losses: dict[str, Tensor],  # noqa: ANN001
-                used: dict) -> Tensor:
+    def matched_pairs(self, outputs: dict, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
+                      num_boxes: float, suffix: str = "") -> MatchedPairs:
+        matched = super().matched_pairs(outputs, targets, indices, num_boxes, suffix)
+        self._matched[suffix] = matched
+        return matched
+
+    def ur_loss(self, ctx, outputs: dict, losses: dict[str, Tensor]) -> Tensor:  # noqa: ANN001
+        """Reuses the main pass's device index tensors and num_boxes (MatchedPairs of each decoder
+        layer): no host sync between the UM gradient, the second decoder pass and its loss, which
+        would leave the second pass's kernel launches exposed on a GPU."""
         layer_suffixes = [f"_{i}" for i in range(len(outputs.get("aux_outputs") or []))] + [""]
         um_total = sum(losses[f"loss_um{s}"] for s in layer_suffixes)
         zero = ctx.memory.sum() * 0.0  # keeps the graph connected when nothing is matched
         if not um_total.requires_grad:
             return zero
-        # Host work first. Moving the matched indices to the device and reading num_boxes each wait
-        # for the device queue: here they wait only for the loss kernels, and the UM gradient, the
-        # second decoder pass and its loss are then queued with no host sync in between (after the
-        # gradient, a sync would leave the second pass's kernel launches exposed on a GPU).
-        num_boxes = self.num_boxes(targets, ctx.memory.device)
         # step-1 matching of each decoder layer; the box head runs on those queries only
-        matched = _flat_pairs_per_layer([used[s] for s in layer_suffixes], ctx.memory.device)
+        matched = [(self._matched[s].batch_idx, self._matched[s].query_idx) for s in layer_suffixes]
+        num_boxes = self._matched[""].num_boxes
         (grad,) = torch.autograd.grad(um_total, ctx.memory, retain_graph=True, allow_unused=True)
         if grad is None:
             return zero
@@ -155,13 +162,3 @@ class UGSCriterion(SetCriterion):
             total = total + ugs.um_loss(logits).mean(-1).sum() / num_boxes
         return total
 
-
-def _flat_pairs_per_layer(layers: list[list[tuple[Tensor, Tensor]]], device: torch.device
-                          ) -> list[tuple[Tensor, Tensor]]:
-    """Per layer, per-image (pred_idx, tgt_idx) -> per layer (batch_idx (N_l,), query_idx (N_l,)) on
-    `device`, with one host-to-device copy for all layers."""
-    batch = [torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)]) for indices in layers]
-    query = [torch.cat([src for src, _ in indices]) for indices in layers]
-    sizes = [len(b) for b in batch]
-    both = torch.stack((torch.cat(batch), torch.cat(query))).to(device)  # (2, sum N_l)
-    return [(b, q) for b, q in zip(both[0].split(sizes), both[1].split(sizes))]

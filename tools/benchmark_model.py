@@ -160,6 +160,17 @@ def _build_variant(config: str, overrides: list[str], override: str, device: tor
     return model, criterion, optimizer, cfg.model.num_classes
 
 
+def _variant_step(config: str, overrides: list[str], override: str, device: torch.device, batch_size: int,
+                  h: int, w: int, boxes: int, max_box: float, warmup: int):  # noqa: ANN202
+    """A training-step closure of one variant on its own random batch, after `warmup` steps."""
+    model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
+    step = make_step(model, criterion, optimizer, make_batch(batch_size, h, w, boxes, device, num_classes, max_box),
+                     device)
+    for _ in range(warmup):
+        step()
+    return step
+
+
 def ugs_comparison(config: str, overrides: list[str], device: torch.device, batch_size: int, h: int, w: int,
                    boxes: int, iters: int, warmup: int, max_box: float = 0.03,
                    variants: tuple = UGS_VARIANTS) -> dict:
@@ -177,25 +188,17 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
     if device.type == "cuda":  # peak memory: one variant resident at a time
         torch.cuda.empty_cache()
         for key, _label, override in variants:
-            model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
-            batch = make_batch(batch_size, h, w, boxes, device, num_classes, max_box)
-            step = make_step(model, criterion, optimizer, batch, device)
-            for _ in range(max(1, warmup)):
-                step()
+            step = _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box,
+                                 max(1, warmup))
             sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             step()
             sync(device)
             result[key] = {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
-            del model, criterion, optimizer, batch, step
+            del step
             torch.cuda.empty_cache()
-    steps = {}
-    for key, _label, override in variants:
-        model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
-        batch = make_batch(batch_size, h, w, boxes, device, num_classes, max_box)
-        steps[key] = make_step(model, criterion, optimizer, batch, device)
-        for _ in range(warmup):
-            steps[key]()
+    steps = {key: _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box, warmup)
+             for key, _label, override in variants}
     times: dict[str, list[float]] = {key: [] for key in steps}
     cpu_times: dict[str, list[float]] = {key: [] for key in steps}
     keys = list(steps)
@@ -242,11 +245,7 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
     result: dict = {}
     texts = []
     for key, label, override in variants:
-        model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
-        batch = make_batch(batch_size, h, w, boxes, device, num_classes, max_box)
-        step = make_step(model, criterion, optimizer, batch, device)
-        for _ in range(warmup):
-            step()
+        step = _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box, warmup)
         sync(device)
         with profile(activities=activities) as prof:
             start = time.perf_counter()
@@ -259,7 +258,7 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
         ratio = f", device busy {busy_ms:.1f} ms = {busy_ms / wall_ms:.2f} of wall" if device.type == "cuda" else ""
         texts.append(f"### {label}: profiled step {wall_ms:.1f} ms wall (profiler on){ratio}\n"
                      + events.table(sort_by=sort_key, row_limit=top))
-        del model, criterion, optimizer, batch, step, prof
+        del step, prof
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result, "\n\n".join(texts)
