@@ -16,6 +16,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.profiler import record_function
 
 import ugs
 from models.criterion import BoxLossTerm, MatchedPairs, SetCriterion
@@ -144,18 +145,22 @@ class UGSCriterion(SetCriterion):
         # step-1 matching of each decoder layer; the box head runs on those queries only
         matched = [(self._matched[s].batch_idx, self._matched[s].query_idx) for s in layer_suffixes]
         num_boxes = self._matched[""].num_boxes
-        (grad,) = torch.autograd.grad(um_total, ctx.memory, retain_graph=True, allow_unused=True)
+        # profiler ranges (named for `tools/benchmark_model.py --profile` and users' own traces)
+        with record_function("ugs_ur/um_gradient"):
+            (grad,) = torch.autograd.grad(um_total, ctx.memory, retain_graph=True, allow_unused=True)
         if grad is None:
             return zero
-        feats = ctx.memory.split(ctx.level_sizes, dim=1)
-        grads = list(grad.split(ctx.level_sizes, dim=1))
-        if self.ur_levels is not None:
-            if max(self.ur_levels) >= len(grads):
-                raise ValueError(f"ugs.ur.levels {self.ur_levels}: the model has {len(grads)} feature levels")
-            grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
-        masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
-        perturbed = torch.cat(ugs.ur_perturbation(feats, grads, self.ur_rho, masks, self.ur_eps), dim=1)
-        layer_logits = ctx.rerun(perturbed, matched)  # L x (N_l, 4, n+1)
+        with record_function("ugs_ur/perturbation"):
+            feats = ctx.memory.split(ctx.level_sizes, dim=1)
+            grads = list(grad.split(ctx.level_sizes, dim=1))
+            if self.ur_levels is not None:
+                if max(self.ur_levels) >= len(grads):
+                    raise ValueError(f"ugs.ur.levels {self.ur_levels}: the model has {len(grads)} feature levels")
+                grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
+            masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
+            perturbed = torch.cat(ugs.ur_perturbation(feats, grads, self.ur_rho, masks, self.ur_eps), dim=1)
+        with record_function("ugs_ur/second_decoder_pass"):
+            layer_logits = ctx.rerun(perturbed, matched)  # L x (N_l, 4, n+1)
         self.ur_passes += 1
         total = zero
         for logits in layer_logits:

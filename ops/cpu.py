@@ -98,6 +98,23 @@ def _geometry(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_ind
                      float_sizes[0], float_sizes[1])
 
 
+def _table_and_rows(value_c: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """The value rows as an embedding table and each corner's row in it.
+
+    Off-map corners point at a clamped on-map row with weight 0; with a NaN or Inf in that row,
+    0 * NaN would leak into outputs (and gradients) that never sample it. So when value holds any
+    non-finite entry (one pass over value, about 1/80 of the gather's reads at DINO shapes) the
+    table gets one extra zero row and off-map corners point there instead."""
+    table = value_c.view(-1, value_c.shape[-1])
+    if bool(torch.isfinite(value_c).all()):
+        return table, geo.rows
+    on_map = torch.stack([torch.stack([geo.vy[i] * geo.vx[j] for j in range(2)]) for i in range(2)])  # (2,2,L,P,B)
+    on_map = on_map.permute(4, 0, 1, 2, 3).reshape(geo.rows.shape) > 0
+    zero_row = table.shape[0]
+    rows = torch.where(on_map, geo.rows, torch.full_like(geo.rows, zero_row))
+    return torch.cat([table, table.new_zeros(1, table.shape[1])]), rows
+
+
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     dtype = compute_dtype(value.dtype)
     value_c = value.to(dtype).contiguous()
@@ -117,7 +134,8 @@ def ms_deform_attn_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
     value_c, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
-    out = F.embedding_bag(geo.rows, value_c.view(-1, d), mode="sum", per_sample_weights=geo.weights)
+    table, rows = _table_and_rows(value_c, geo)
+    out = F.embedding_bag(rows, table, mode="sum", per_sample_weights=geo.weights)
     return out.view(n, lq, m * d).to(value.dtype)
 
 
@@ -142,21 +160,24 @@ def ms_deform_attn_cpu_backward(value: torch.Tensor, spatial_shapes: torch.Tenso
     bags, per_bag = geo.rows.shape
     grad_rows = grad_output.to(value_c.dtype).reshape(bags, d)
 
+    table, rows = _table_and_rows(value_c, geo)
+
     # value: sort the corner rows, then one embedding_bag per value row over grad_out rows
-    rows_sorted, order = torch.sort(geo.rows.reshape(-1), stable=True)
-    counts = torch.bincount(rows_sorted, minlength=n * s * m)
+    rows_sorted, order = torch.sort(rows.reshape(-1), stable=True)
+    counts = torch.bincount(rows_sorted, minlength=table.shape[0])
     offsets = torch.cumsum(counts, 0) - counts
     sorted_weights = geo.weights.reshape(-1).index_select(0, order)  # index_select: faster than [order]
     grad_value = F.embedding_bag(torch.div(order, per_bag, rounding_mode="floor"), grad_rows, offsets,
                                  mode="sum", per_sample_weights=sorted_weights)
 
+    grad_value = grad_value[:n * s * m]  # without _table_and_rows' zero row, if any
+
     # per-corner dot products g_ij, gathered in chunks of bags to bound memory
-    table = value_c.view(-1, d)
     g = torch.empty(bags, per_bag, dtype=value_c.dtype, device=value_c.device)
     step = max(1, chunk_elements // (per_bag * d))
     for lo in range(0, bags, step):
         hi = min(bags, lo + step)
-        gathered = table.index_select(0, geo.rows[lo:hi].reshape(-1)).view(hi - lo, per_bag, d)
+        gathered = table.index_select(0, rows[lo:hi].reshape(-1)).view(hi - lo, per_bag, d)
         g[lo:hi] = (gathered * grad_rows[lo:hi].unsqueeze(1)).sum(-1)
     # points-major like the geometry: g_t[i, j] is (L, P, B)
     g_t = g.t().contiguous().view(2, 2, num_levels, num_points, bags)

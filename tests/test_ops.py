@@ -103,6 +103,30 @@ def test_cpu_zero_outside_every_map(low, high):
     assert out.abs().max() == 0 and all(g.abs().max() == 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_cpu_non_finite_values_never_sampled_do_not_leak(dtype):
+    """Off-map corners must contribute exactly nothing: a NaN / Inf at a pixel that no corner on
+    the map reads (here every level's first pixel, which the CPU path reuses for clamped off-map
+    corners) leaves the output and all three gradients finite and equal to the reference's."""
+    shapes = [(4, 5), (3, 3), (1, 1)]
+    value, spatial, starts, loc, weights = make_inputs(shapes, dtype=dtype, lq=7, seed=3, low=-0.3, high=1.3)
+    widths = spatial[:, 1].to(torch.float64).view(1, 1, 1, -1, 1)
+    x = loc[..., 0].double()
+    # columns >= 1 only (x * W - 0.5 >= 1), or entirely off the map
+    loc[..., 0] = torch.where(x < 0.5, torch.full_like(x, -4.0), torch.maximum(x, 1.5 / widths + 1e-3)).to(dtype)
+    for start, bad in zip(starts.tolist(), (float("nan"), float("inf"), float("-inf"))):
+        value[:, start] = bad
+    out, grads = output_and_grads(ops.ms_deform_attn, value, spatial, starts, loc, weights)
+    ref_out, ref_grads = output_and_grads(ms_deform_attn_reference, value.double(), spatial, starts,
+                                          loc.double(), weights.double())
+    assert torch.isfinite(ref_out).all() and ref_out.abs().max() > 0.05
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out.double(), ref_out, rtol=tol, atol=tol)
+    for got, ref in zip(grads, ref_grads):
+        assert torch.isfinite(ref).all()
+        torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("value_dtype,loc_dtype,tol", [
     (torch.float32, torch.float32, 1e-5),
     (torch.bfloat16, torch.float32, 2e-2),   # output rounded to bf16 (8 bits): |err| <= 2^-8 |out|

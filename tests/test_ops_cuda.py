@@ -139,14 +139,52 @@ def test_half_value_with_float32_locations(ext, bwd_variant, dtype, loc_dtype, a
 @pytest.mark.parametrize("switch,width", [("MSDA_CUDA_MAX_VECTOR", "1"), ("MSDA_CUDA_MAX_VECTOR", "2"),
                                           ("MSDA_CUDA_MAX_VECTOR", "4"), ("MSDA_CUDA_FWD_VECTOR", "8"),
                                           ("MSDA_CUDA_BWD_VECTOR", "8"), ("MSDA_CUDA_BWD_VECTOR", "2"),
-                                          ("MSDA_CUDA_FWD_ORDER", "head")])
+                                          ("MSDA_CUDA_FWD_ORDER", "head"), ("MSDA_CUDA_FWD_BATCH", "2"),
+                                          ("MSDA_CUDA_FWD_BATCH", "4")])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_vector_width_switches(ext, bwd_variant, monkeypatch, dtype, switch, width):
     """Narrower per-thread vectors (more threads per pair), the wide non-default ones (8 float32
-    channels per thread in the forward or the backward) and the head-major forward order: same
-    results."""
+    channels per thread in the forward or the backward), the head-major forward order and the
+    batched forward (P = 3 points: a partial last batch for K = 2 and 4): same results."""
     monkeypatch.setenv(switch, width)
     check(ext, make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=32, p=3, dtype=dtype, seed=21))
+
+
+@pytest.mark.parametrize("batch", ["1", "2", "4"])
+@pytest.mark.parametrize("order", ["query", "head"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
+def test_batched_forward_with_head_major_order(ext, monkeypatch, dtype, order, batch):
+    """Every combination of the two forward switches (each dtype's default is one of them), at 4 and
+    5 points (whole and partial batches), D = 32 and 12."""
+    monkeypatch.setenv("MSDA_CUDA_FWD_ORDER", order)
+    monkeypatch.setenv("MSDA_CUDA_FWD_BATCH", batch)
+    for p, d in ((4, 32), (5, 12)):
+        check(ext, make_case(SHAPES_MIXED, n=2, lq=17, m=4, d=d, p=p, dtype=dtype, seed=30 + p))
+
+
+@pytest.mark.parametrize("batch", ["1", "2", "4"])
+def test_forward_ignores_non_finite_values_it_never_samples(ext, monkeypatch, batch):
+    """The batched forward loads a level's first element in place of off-map corners and must then
+    select zero: NaN / Inf there may not reach the output unless a sampled corner is that pixel."""
+    monkeypatch.setenv("MSDA_CUDA_FWD_BATCH", batch)
+    c = make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=8, p=4, dtype=torch.float32, seed=5)
+    hw = c["spatial"].double()
+    # every level's pixel (0, 0) is poisoned; sample only where no corner is that pixel:
+    # x * W - 0.5 >= 1 (columns >= 1) or entirely off the map
+    c["value"][:, c["starts"][0]] = float("nan")
+    c["value"][:, c["starts"][2]] = float("inf")  # the 1x1 level: its only pixel
+    c["value"][:, c["starts"][1]] = float("-inf")
+    c["value"][:, c["starts"][3]] = float("nan")
+    w = hw[:, 1].view(1, 1, 1, -1, 1)
+    x = c["loc"][..., 0].double()
+    x = torch.where(x < 0.5, torch.full_like(x, -5.0), torch.maximum(x, (1.5 + 1e-3) / w))
+    c["loc"][..., 0] = x.float()
+    out = ext.forward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"])
+    ref = ms_deform_attn_reference(c["value"].double(), c["spatial"], c["starts"], c["loc"].double(),
+                                   c["attn"].double())
+    assert torch.isfinite(ref).all() and ref.abs().max() > 0.05
+    assert torch.isfinite(out).all()
+    assert_close("output", out, ref, TOL[torch.float32])
 
 
 BAD_SWITCH_SCRIPT = """
@@ -173,7 +211,9 @@ BWD = "backward(v, sp, st, loc, a, g)"
     ({"MSDA_CUDA_MAX_VECTOR": "3"}, FWD, "MSDA_CUDA_MAX_VECTOR must be"),
     ({"MSDA_CUDA_FWD_VECTOR": "16"}, FWD, "MSDA_CUDA_FWD_VECTOR must be an integer in [1, 8], got '16'"),
     ({"MSDA_CUDA_BWD_VECTOR": "x"}, BWD, "MSDA_CUDA_BWD_VECTOR must be"),
-    ({"MSDA_CUDA_FWD_ORDER": "rows"}, FWD, "MSDA_CUDA_FWD_ORDER must be 'query' (the default) or 'head'"),
+    ({"MSDA_CUDA_FWD_ORDER": "rows"}, FWD, "MSDA_CUDA_FWD_ORDER must be 'query' or 'head', got 'rows'"),
+    ({"MSDA_CUDA_FWD_BATCH": "3"}, FWD, "MSDA_CUDA_FWD_BATCH must be 1, 2 or 4, got 3"),
+    ({"MSDA_CUDA_FWD_BATCH": "8"}, FWD, "MSDA_CUDA_FWD_BATCH must be an integer in [1, 4], got '8'"),
     ({"MSDA_CUDA_BWD": "v3"}, BWD, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got 'v3'"),
     ({"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "lots"}, BWD, "MSDA_CUDA_BWD_SLAB_KB must be"),
     ({"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_TILE": "-1"}, BWD, "MSDA_CUDA_BWD_TILE must be"),

@@ -11,6 +11,8 @@ absence of races (that argument is in the header: zero -> sync -> shared atomics
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -216,3 +218,70 @@ def test_head_major_forward_order_is_a_permutation_grouping_one_head(n, lq, m):
         a, b = order[s], order[s + 1]
         if (s + 1) % lq:  # same (batch, head), next query
             assert b - a == m and a % m == b % m
+
+
+def emulate_batched_forward(value, shapes, starts, loc, attn, k):
+    """float64 replay of forward_batched_kernel (ops/csrc/msda_forward_batched.cuh) for one thread per
+    (batch, query, head) pair: points of a level in batches of `k`, the last batch padded by repeating
+    the last point with its corners forced off the map; off-map corners read element 0 of the level
+    (which must exist) and are then zeroed by their flag; offsets stay inside the level."""
+    n_b, s, m, d = value.shape
+    lq, _, levels, points, _ = loc.shape[1:]
+    out = torch.zeros(n_b, lq, m, d, dtype=torch.float64)
+    flat = value.reshape(n_b, s * m * d)
+    for b in range(n_b):
+        for q in range(lq):
+            for head in range(m):
+                acc = torch.zeros(d, dtype=torch.float64)
+                for lv in range(levels):
+                    h, w = int(shapes[lv, 0]), int(shapes[lv, 1])
+                    base = int(starts[lv]) * m * d + head * d
+                    for p0 in range(0, points, k):
+                        for j in range(k):
+                            p = min(p0 + j, points - 1)
+                            x, y = float(loc[b, q, head, lv, p, 0]), float(loc[b, q, head, lv, p, 1])
+                            aw = float(attn[b, q, head, lv, p])
+                            px, py = x * w - 0.5, y * h - 0.5
+                            inside = p0 + j < points and px >= -1 and py >= -1 and px < w and py < h
+                            if not inside:
+                                px = py = -2.0
+                            x0, y0 = int(math.floor(px)), int(math.floor(py))
+                            fx, fy = px - x0, py - y0
+                            xl, xr = x0 >= 0, 0 <= x0 + 1 < w
+                            yt, yb = y0 >= 0, 0 <= y0 + 1 < h
+                            r0 = y0 * w + x0
+                            corners = ((yt and xl, r0, (1 - fx) * (1 - fy)), (yt and xr, r0 + 1, fx * (1 - fy)),
+                                       (yb and xl, r0 + w, (1 - fx) * fy), (yb and xr, r0 + w + 1, fx * fy))
+                            for on, row, bil in corners:
+                                off = row * m * d if on else 0
+                                assert 0 <= off < h * w * m * d, "corner offset leaves its level"
+                                loaded = flat[b, base + off: base + off + d]
+                                acc += aw * bil * loaded if on else torch.zeros(d, dtype=torch.float64)
+                out[b, q, head] = acc
+    return out.reshape(n_b, lq, m * d)
+
+
+@pytest.mark.parametrize("k,p", [(2, 4), (2, 3), (4, 4), (4, 5)])
+def test_batched_forward_emulation_matches_reference(k, p):
+    """The batched forward's branch-free corner logic (clamped x0 = y0 = -2 for rejected points, the
+    padded last batch, element-0 loads selected away) reproduces the reference, including points far
+    outside the map and a 1x1 level; a NaN at every level's element 0 must not leak into the output."""
+    shapes = [(6, 5), (3, 7), (1, 1), (2, 9)]
+    value, starts, loc, attn, _ = make_inputs(shapes, n=2, lq=5, m=2, d=3, p=p, seed=k * 10 + p)
+    spatial, starts = torch.tensor(shapes), torch.tensor(starts)
+    loc[0, 0, 0, :, 0] = torch.tensor([-7.0, 0.5], dtype=torch.float64)  # far off the map
+    loc[1, 2, 1, :, -1] = torch.tensor([1.3, 1.2], dtype=torch.float64)
+    ref = ms_deform_attn_reference(value, spatial, starts, loc, attn)
+    got = emulate_batched_forward(value, spatial, starts, loc, attn, k)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    # poison element 0 of every level where no sampled corner reads it: the output stays finite
+    poisoned = value.clone()
+    read = ms_deform_attn_reference(torch.ones_like(value), spatial, starts, loc, attn)
+    assert torch.isfinite(read).all()
+    for start in starts.tolist():
+        probe = torch.zeros_like(value)
+        probe[:, start] = 1.0
+        if ms_deform_attn_reference(probe, spatial, starts, loc, attn).abs().max() == 0:
+            poisoned[:, start] = float("nan")
+    got = emulate_batched_forward(poisoned, spatial, starts, loc, attn, k)
+    assert torch.isfinite(got).all()

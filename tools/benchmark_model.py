@@ -210,6 +210,7 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
             sync(device)
             times[key].append((time.perf_counter() - start) * 1000)
             cpu_times[key].append((time.process_time() - start_cpu) * 1000)
+    result["setup"]["msda_backend"] = ops.backend()  # known once a step has run
     base = variants[0][0]
     for key, label, _override in variants:
         entry = result.setdefault(key, {})
@@ -254,14 +255,41 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
             wall_ms = (time.perf_counter() - start) * 1000
         events = prof.key_averages()
         busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1000
-        result[key] = {"label": label, "wall_ms": wall_ms, "device_busy_ms": busy_ms, "ops": len(events)}
+        result[key] = {"label": label, "wall_ms": wall_ms, "device_busy_ms": busy_ms, "ops": len(events),
+                       "op_ms": {e.key: _self_ms(e, device) for e in events},
+                       "op_calls": {e.key: e.count for e in events}}
         ratio = f", device busy {busy_ms:.1f} ms = {busy_ms / wall_ms:.2f} of wall" if device.type == "cuda" else ""
         texts.append(f"### {label}: profiled step {wall_ms:.1f} ms wall (profiler on){ratio}\n"
                      + events.table(sort_by=sort_key, row_limit=top))
         del step, prof
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    keys = [key for key, _label, _override in variants]
+    for before, after in zip(keys, keys[1:]):
+        texts.append(profile_difference(result, before, after, top))
     return result, "\n\n".join(texts)
+
+
+def _self_ms(event, device: torch.device) -> float:  # noqa: ANN001
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return getattr(event, attr, 0.0) / 1000
+
+
+def profile_difference(result: dict, before: str, after: str, top: int = 20) -> str:
+    """The ops whose self time (device time on CUDA) grew most from variant `before` to `after`:
+    where an addition such as UR spends its time, op by op."""
+    a, b = result[before], result[after]
+    names = set(a["op_ms"]) | set(b["op_ms"])
+    rows = sorted(((b["op_ms"].get(n, 0.0) - a["op_ms"].get(n, 0.0), n) for n in names), reverse=True)
+    total = sum(d for d, _ in rows)
+    lines = [f"### {b['label']} minus {a['label']}: self time {total:+.2f} ms in all "
+             f"(wall {b['wall_ms'] - a['wall_ms']:+.1f} ms)", "",
+             "| op | self ms | calls | share of the difference |", "|---|---|---|---|"]
+    for delta, name in rows[:top]:
+        calls = b["op_calls"].get(name, 0) - a["op_calls"].get(name, 0)
+        share = delta / total if total > 0 else float("nan")
+        lines.append(f"| {name[:90]} | {delta:+.3f} | {calls:+d} | {share:.1%} |")
+    return "\n".join(lines)
 
 
 def ugs_table(result: dict, title: str) -> str:
@@ -323,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed iterations per setting")
     parser.add_argument("--cpu-iters", type=int, default=2)
     parser.add_argument("--cpu-only", action="store_true", help="skip the GPU benchmarks")
+    parser.add_argument("--gpu-only", action="store_true", help="skip the CPU benchmarks (on a GPU machine)")
     parser.add_argument("--skip-dino", action="store_true", help="skip the DINO-only benchmarks (GPU and CPU)")
     parser.add_argument("--skip-ugs", action="store_true", help="skip the DINO vs UGS-DINO comparison")
     parser.add_argument("--ugs-iters", type=int, default=8, help="GPU: timed steps per UGS variant")
@@ -355,9 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(text, flush=True)
     else:
         print("no GPU benchmarks (no CUDA device or --cpu-only)", flush=True)
-    if not args.skip_dino:
+    if not args.skip_dino and not args.gpu_only:
         results["cpu"] = cpu_forward(args.cpu_iters)
-    if not args.skip_ugs:
+    if not args.skip_ugs and not args.gpu_only:
         n = args.cpu_ugs_size
         ugs_cpu = ugs_comparison("dino_tiny", [], torch.device("cpu"), 2, n, n, 10, args.cpu_ugs_iters,
                                  args.cpu_ugs_warmup, max_box=0.1)

@@ -13,7 +13,13 @@ Implementations (absent ones are skipped with a note):
                      default before 2026-11-26; the default is 4; CUDA only)
   ours-bwd2          ours with MSDA_CUDA_BWD_VECTOR=2 (CUDA only)
   ours-fwd-head      ours with MSDA_CUDA_FWD_ORDER=head (forward blocks walk one head's queries;
-                     experimental, not yet measured; CUDA only)
+                     CUDA only)
+  ours-fwd-b2, -b4   ours with MSDA_CUDA_FWD_BATCH=2 / 4 (forward threads issue 2 / 4 points' corner
+                     loads together, ops/csrc/msda_forward_batched.cuh; CUDA only)
+  ours-fwd-head-b2, ours-fwd-head-b4   both forward switches together (CUDA only; head-b2 is the
+                     float16 / bfloat16 default since 2026-11-26)
+  ours-fwd-query-b1  query order, one point at a time (the float32 default; for the half types the
+                     default before 2026-11-26; CUDA only)
   ours-bwd-v2        ours with MSDA_CUDA_BWD=v2: backward reducing coarse-level value gradients in shared
                      memory (ops/csrc/msda_backward_v2.cuh; CUDA only)
   ours-bwd-v2-big    ours-bwd-v2 with MSDA_CUDA_BWD_SLAB_KB=200 (opt-in shared memory: the 25x42 level in
@@ -100,6 +106,7 @@ def make_inputs(kind: str, levels, batch: int, heads: int, channels: int, points
 # ---- implementations ------------------------------------------------------------------------------
 # The kernel switches of ops/csrc, read by the extension at every forward / backward call.
 KERNEL_ENV = ("MSDA_CUDA_MAX_VECTOR", "MSDA_CUDA_FWD_VECTOR", "MSDA_CUDA_BWD_VECTOR", "MSDA_CUDA_FWD_ORDER",
+              "MSDA_CUDA_FWD_BATCH",
               "MSDA_CUDA_BWD", "MSDA_CUDA_BWD_SLAB_KB", "MSDA_CUDA_BWD_TILE")
 
 
@@ -130,6 +137,11 @@ OUR_VARIANTS = {
     "ours-bwd8": {"MSDA_CUDA_BWD_VECTOR": "8"},
     "ours-bwd2": {"MSDA_CUDA_BWD_VECTOR": "2"},
     "ours-fwd-head": {"MSDA_CUDA_FWD_ORDER": "head"},
+    "ours-fwd-b2": {"MSDA_CUDA_FWD_BATCH": "2"},
+    "ours-fwd-b4": {"MSDA_CUDA_FWD_BATCH": "4"},
+    "ours-fwd-head-b2": {"MSDA_CUDA_FWD_ORDER": "head", "MSDA_CUDA_FWD_BATCH": "2"},
+    "ours-fwd-head-b4": {"MSDA_CUDA_FWD_ORDER": "head", "MSDA_CUDA_FWD_BATCH": "4"},
+    "ours-fwd-query-b1": {"MSDA_CUDA_FWD_ORDER": "query", "MSDA_CUDA_FWD_BATCH": "1"},
     "ours-bwd-v2": {"MSDA_CUDA_BWD": "v2"},
     "ours-bwd-v2-big": {"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "200"},
 }

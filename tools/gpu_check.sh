@@ -112,7 +112,7 @@ fi
 
 # 4. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
 step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda \
-  --impls ours,ours-fwd-head,ours-fwd8,ours-bwd8,ours-bwd-v2,pytorch,original \
+  --impls ours,ours-fwd-head,ours-fwd-b2,ours-fwd-b4,ours-fwd-head-b2,ours-fwd-head-b4,pytorch,original \
   --msda-original .gpu_carry/msda_original --write-docs --docs-path "$OUT/benchmarks.md" \
   --partial "$OUT/bench_ops_partial.md" --json "$OUT/bench_ops.json"
 
@@ -121,9 +121,9 @@ step bench_deformops 170 "$PY" tools/benchmark_ops.py --device cuda --impls ours
   --deformops-wheel .gpu_carry/deformops/deformops-3.0.1-py3-none-any.whl --write-docs \
   --docs-path "$OUT/benchmarks.md" --partial "$OUT/bench_deformops_partial.md" --json "$OUT/bench_deformops.json"
 
-# 6. another helper's model benchmark, if it exists
+# 6. DINO vs UGS-DINO training steps (UR cost) and one profiled step of each
 if [ -f tools/benchmark_model.py ]; then
-  step bench_model 180 "$PY" tools/benchmark_model.py --profile
+  step bench_model 180 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --profile
 fi
 
 echo "== total $(( $(date +%s) - START )) s"; cat "$OUT/steps.txt"

@@ -388,6 +388,7 @@ __global__ void __launch_bounds__(kBlockThreads)
 }  // namespace msda
 
 #include "msda_backward_v2.cuh"  // the opt-in backward (MSDA_CUDA_BWD=v2); uses the helpers above
+#include "msda_forward_batched.cuh"  // the opt-in forward (MSDA_CUDA_FWD_BATCH=2 or 4)
 
 namespace msda {
 namespace detail {
@@ -397,7 +398,15 @@ cudaError_t launch_forward(const Launch& lp, const T* value, const int64_t* shap
                            const TL* loc, const TL* attn, T* out, cudaStream_t stream) {
   const int pairs_per_block = lp.threads / lp.g.group;
   const int64_t blocks = (lp.g.pairs + pairs_per_block - 1) / pairs_per_block;
-  forward_kernel<T, TL, V><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
+  if (lp.g.forward_batch == 4) {
+    forward_batched_kernel<T, TL, V, 4><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn,
+                                                                                out, lp.g);
+  } else if (lp.g.forward_batch == 2) {
+    forward_batched_kernel<T, TL, V, 2><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn,
+                                                                                out, lp.g);
+  } else {
+    forward_kernel<T, TL, V><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
+  }
   return cudaGetLastError();
 }
 

@@ -24,6 +24,7 @@ struct Geometry {
   int chunks;          // D / V
   int stage;           // 1: locations/weights staged in shared memory
   int head_major = 0;  // forward only: blocks walk (batch, head, query), query fastest (no staging)
+  int forward_batch = 1;  // forward only: points per thread whose loads are issued together (1, 2, 4)
   // backward v2 only (msda_backward_v2.cuh)
   int tile;                // queries per block
   int64_t slab_capacity;   // shared-memory slab size in accumulation-type elements
