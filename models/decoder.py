@@ -33,6 +33,9 @@ class DecoderInputs:
     memory_padding_mask (B, S) bool, True on padding; spatial_shapes (L, 2) int64 as (h, w);
     level_start_index (L,) int64; valid_ratios (B, L, 2) as (w, h);
     self_attn_mask (T, T) bool (True = blocked) keeping the denoising groups apart, or None.
+    memory_values: per decoder layer its cross-attention's projected memory
+    (`Decoder.project_memory`), computed once by the caller so that a second pass can reuse them;
+    None: each layer projects `memory` itself.
     """
 
     tgt: Tensor
@@ -43,6 +46,7 @@ class DecoderInputs:
     level_start_index: Tensor
     valid_ratios: Tensor
     self_attn_mask: Tensor | None
+    memory_values: list[Tensor] | None = None
 
     def kwargs(self) -> dict:
         """Keyword arguments of `Decoder.forward` (a shallow dict: tensors are not copied)."""
@@ -75,13 +79,14 @@ class DecoderLayer(nn.Module):
 
     def forward(self, tgt: Tensor, query_pos: Tensor, reference_points: Tensor, memory: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, memory_padding_mask: Tensor,
-                self_attn_mask: Tensor | None) -> Tensor:
-        """tgt, query_pos (B, T, d); reference_points (B, T, L, 4); memory (B, S, d) (no pos added)."""
+                self_attn_mask: Tensor | None, memory_value: Tensor | None = None) -> Tensor:
+        """tgt, query_pos (B, T, d); reference_points (B, T, L, 4); memory (B, S, d) (no pos added);
+        memory_value: `cross_attn.project_value(memory, memory_padding_mask)`, if already computed."""
         q = k = tgt + query_pos
         sa = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
         tgt = self.norm2(tgt + self.dropout2(sa))
         ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
-                             memory_padding_mask)
+                             memory_padding_mask, memory_value)
         tgt = self.norm1(tgt + self.dropout1(ca))
         ffn = self.linear2(self.dropout3(F.relu(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
@@ -101,11 +106,17 @@ class Decoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
 
+    def project_memory(self, memory: Tensor, memory_padding_mask: Tensor) -> list[Tensor]:
+        """Each layer's projected memory (B, S, d), as its cross-attention would compute it."""
+        return [layer.cross_attn.project_value(memory, memory_padding_mask) for layer in self.layers]
+
     def forward(self, tgt: Tensor, anchors_unsig: Tensor, memory: Tensor, memory_padding_mask: Tensor,
                 spatial_shapes: Tensor, level_start_index: Tensor, valid_ratios: Tensor,
-                self_attn_mask: Tensor | None) -> tuple[list[Tensor], list[Tensor]]:
+                self_attn_mask: Tensor | None,
+                memory_values: list[Tensor] | None = None) -> tuple[list[Tensor], list[Tensor]]:
         """tgt (B, T, d) content queries; anchors_unsig (B, T, 4) unsigmoided cxcywh;
-        valid_ratios (B, L, 2) (w, h).
+        valid_ratios (B, L, 2) (w, h); memory_values: `project_memory(memory, memory_padding_mask)`
+        if the caller computed it, else None.
 
         Returns hs: L_dec x (B, T, d) normalised outputs, and references: (L_dec + 1) x (B, T, 4)
         cxcywh boxes (initial anchors, then each layer's undetached refined box).
@@ -122,7 +133,8 @@ class Decoder(nn.Module):
             query_sine = box_sine_embedding(reference_input[:, :, 0, :], self.d_model // 2)
             query_pos = self.ref_point_head(query_sine.to(output.dtype))
             output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
-                           memory_padding_mask, self_attn_mask)
+                           memory_padding_mask, self_attn_mask,
+                           None if memory_values is None else memory_values[layer_id])
             new_reference = refine_boxes(self.bbox_embed[layer_id], output, reference)
             reference = new_reference.detach()
             references.append(new_reference)

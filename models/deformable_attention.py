@@ -52,17 +52,23 @@ class MSDeformAttn(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.zeros_(self.output_proj.bias)
 
-    def forward(self, query: Tensor, reference_points: Tensor, value_input: Tensor, spatial_shapes: Tensor,
-                level_start_index: Tensor, padding_mask: Tensor | None) -> Tensor:
-        """query (N, Lq, d); reference_points (N, Lq, L, 2|4); value_input (N, S, d);
-        spatial_shapes (L, 2) long rows (h, w); level_start_index (L,); padding_mask (N, S) True on
-        padding. Returns (N, Lq, d)."""
-        n, lq, _ = query.shape
-        s = value_input.shape[1]
+    def project_value(self, value_input: Tensor, padding_mask: Tensor | None) -> Tensor:
+        """value_proj(value_input) with padded positions zeroed, (N, S, d): what the sampling reads."""
         value = self.value_proj(value_input)
         if padding_mask is not None:
             value = value.masked_fill(padding_mask[..., None], 0.0)
-        value = value.view(n, s, self.n_heads, self.d_model // self.n_heads)
+        return value
+
+    def forward(self, query: Tensor, reference_points: Tensor, value_input: Tensor, spatial_shapes: Tensor,
+                level_start_index: Tensor, padding_mask: Tensor | None, value: Tensor | None = None) -> Tensor:
+        """query (N, Lq, d); reference_points (N, Lq, L, 2|4); value_input (N, S, d);
+        spatial_shapes (L, 2) long rows (h, w); level_start_index (L,); padding_mask (N, S) True on
+        padding. `value` (N, S, d), if given, is `project_value(value_input, padding_mask)` computed
+        by the caller (value_input is then not read). Returns (N, Lq, d)."""
+        n, lq, _ = query.shape
+        if value is None:
+            value = self.project_value(value_input, padding_mask)
+        value = value.reshape(n, value.shape[1], self.n_heads, self.d_model // self.n_heads)
         offsets = self.sampling_offsets(query).view(n, lq, self.n_heads, self.n_levels, self.n_points, 2)
         weights = self.attention_weights(query).view(n, lq, self.n_heads, self.n_levels * self.n_points)
         weights = F.softmax(weights, -1).view(n, lq, self.n_heads, self.n_levels, self.n_points)

@@ -119,7 +119,8 @@ class DINO(nn.Module):
         content, anchors_unsig = self.decoder_queries(selected, dn, images.shape[0])
         decoder_inputs = DecoderInputs(content, anchors_unsig, memory, tokens.padding_mask,
                                        tokens.spatial_shapes, tokens.level_start_index, tokens.valid_ratios,
-                                       None if dn is None else dn.attn_mask)
+                                       None if dn is None else dn.attn_mask,
+                                       self.decoder_memory_values(memory, tokens.padding_mask))
         hs, references = self.transformer.decoder(**decoder_inputs.kwargs())
         if intermediates is not None:
             # same layout as the official fixture's `intermediates` (hs_enc/ref_enc carry a leading 1)
@@ -131,6 +132,12 @@ class DINO(nn.Module):
                                 "init_box_proposal": selected.init_box_proposal},
                 "decoder_inputs": decoder_inputs})
         return self.predict(hs, references, selected, dn)
+
+    def decoder_memory_values(self, memory: Tensor, padding_mask: Tensor) -> list[Tensor] | None:
+        """The decoder layers' projected memory, computed before the decoder runs when a subclass
+        needs to keep them (UGS's UR reuses them); None lets each layer project its own, so that
+        inference never holds all of them at once."""
+        return None
 
     def decoder_queries(self, selected: SelectedQueries, dn: DenoisingQueries | None,
                         batch_size: int) -> tuple[Tensor, Tensor]:

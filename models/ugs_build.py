@@ -36,7 +36,8 @@ def build_ugs(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: 
         raise ValueError(f"ugs.ur.levels {u.ur.levels}: model.num_feature_levels is "
                          f"{cfg.model.num_feature_levels}")
     model = build_dino(cfg.model, UGSDINO, grid=grid, interm_grid=interm_grid,
-                       zero_last_layer=u.init.zero_last_layer, collect_ur_context=u.ur.weight > 0)
+                       zero_last_layer=u.init.zero_last_layer, collect_ur_context=u.ur.weight > 0,
+                       ur_reuse_projections=u.ur.reuse_projections)
     weights = ugs_weight_dict(criterion.weight_dict, u.loss.box_loss, u.loss.ce_weight, u.loss.um_weight,
                               u.ur.weight, aux_layers=u.loss.aux_layers, interm=u.loss.interm, dn=u.loss.dn)
     box_losses = tuple(criterion.box_losses) + (UGSBoxLoss(grid, interm_grid),)

@@ -8,8 +8,9 @@ layers); the differences are all here:
   `ref_boxes_logit (B, T, 4)` for the criterion (docs/conventions.md);
 - in training with UR on, `outputs["ur_context"]` carries what the UR second pass needs
   (URContext): the decoder's inputs of this forward (`intermediates["decoder_inputs"]` of
-  DINO.forward) restricted to the matching queries, and a `rerun(memory)` that repeats the
-  decoder on other memory.
+  DINO.forward) restricted to the matching queries, with each decoder layer's projected memory,
+  a `rerun(memory)` that repeats the decoder on other memory and `rerun_perturbed(delta)`, the
+  same on memory + delta computed by linearity from the kept projections.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch.nn.functional as F
 from torch import Tensor
 
 import ugs
@@ -59,11 +61,29 @@ class URContext:
         """The decoder again on `memory` (B, S, d), same queries and anchors -> per decoder layer
         the bin logits (B, Q, 4, n+1), or with `matched` (one (batch_idx (N_l,), query_idx (N_l,))
         per layer) only those queries' (N_l, 4, n+1): the box head runs on nothing else."""
-        hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory": memory})
+        hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory": memory, "memory_values": None})
+        return self._bin_logits(hs, matched)
+
+    def rerun_perturbed(self, delta: Tensor, matched: list[tuple[Tensor, Tensor]] | None = None) -> list[Tensor]:
+        """`rerun(memory + delta, matched)`, computed by linearity where the first pass kept its
+        projected memory (`inputs.memory_values`): layer l's cross-attention reads
+        value_proj_l(memory + delta) = values_l + delta W_l^T (bias and padding already in values_l,
+        delta zero on padding), so the second pass multiplies only the constant delta (no input
+        gradient) and its gradient into memory flows through the first pass's values_l, whose
+        projection backward then runs once for both passes. delta: (B, S, d), detached."""
+        values = self.inputs.memory_values
+        if values is None:
+            return self.rerun(self.memory + delta, matched)
+        layers = self.decoder.layers
+        perturbed = [v + F.linear(delta, layer.cross_attn.value_proj.weight) for v, layer in zip(values, layers)]
+        hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory_values": perturbed})
+        return self._bin_logits(hs, matched)
+
+    def _bin_logits(self, hs: list[Tensor], matched: list[tuple[Tensor, Tensor]] | None) -> list[Tensor]:
         if matched is None:
             return [self.box_head.bin_logits(h) for h in hs]
         if len(matched) != len(hs):
-            raise ValueError(f"URContext.rerun: {len(matched)} index pairs for {len(hs)} decoder layers")
+            raise ValueError(f"URContext: {len(matched)} index pairs for {len(hs)} decoder layers")
         return [self.box_head.bin_logits(h[b, q]) for h, (b, q) in zip(hs, matched)]
 
 
@@ -74,14 +94,16 @@ class UGSDINO(DINO):
     grid (n+1,): the decoder heads' bins; interm_grid (n+1,): the encoder-proposal head's
     (default `grid`). zero_last_layer: start the bin layers at zero (uniform bins, delta 0).
     collect_ur_context: training forwards attach `ur_context` (False when ur.weight is 0, so a
-    run without UR keeps nothing for it).
+    run without UR keeps nothing for it). ur_reuse_projections: the context keeps each decoder
+    layer's projected memory so the UR pass works by linearity (`ugs.ur.reuse_projections`).
 
     The box heads are built where DINO builds its own, so from the same seed every parameter but
     the heads' last layers equals the DINO baseline's (the baseline-vs-UGS diagnostics rely on it).
     """
 
     def __init__(self, *args: Any, grid: Tensor, interm_grid: Tensor | None = None,
-                 zero_last_layer: bool = True, collect_ur_context: bool = False, **kwargs: Any) -> None:
+                 zero_last_layer: bool = True, collect_ur_context: bool = False,
+                 ur_reuse_projections: bool = True, **kwargs: Any) -> None:
         if "box_head_factory" in kwargs:
             raise TypeError("UGSDINO builds its own box heads; do not pass box_head_factory")
         super().__init__(*args, box_head_factory=partial(DistributionBoxHead, grid=grid,
@@ -89,10 +111,17 @@ class UGSDINO(DINO):
         # the encoder head starts as a copy of the decoder head (official init), over its own range
         self.transformer.enc_out_bbox_embed.set_grid(interm_grid if interm_grid is not None else grid)
         self.collect_ur_context = collect_ur_context
+        self.ur_reuse_projections = ur_reuse_projections
 
     @property
     def box_grid(self) -> Tensor:
         return self.bbox_embed[0].grid
+
+    def decoder_memory_values(self, memory: Tensor, padding_mask: Tensor) -> list[Tensor] | None:
+        """Kept for the UR pass (URContext.rerun_perturbed) in training with UR on."""
+        if self.training and self.collect_ur_context and self.ur_reuse_projections:
+            return self.transformer.decoder.project_memory(memory, padding_mask)
+        return None
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None,
                 dn_override: dict | None = None, intermediates: dict | None = None) -> dict:

@@ -158,9 +158,10 @@ class UGSCriterion(SetCriterion):
                     raise ValueError(f"ugs.ur.levels {self.ur_levels}: the model has {len(grads)} feature levels")
                 grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
             masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
-            perturbed = torch.cat(ugs.ur_perturbation(feats, grads, self.ur_rho, masks, self.ur_eps), dim=1)
+            deltas = ugs.ur_delta(feats, grads, self.ur_rho, masks, self.ur_eps)
+            delta = torch.cat([torch.zeros_like(f) if d is None else d for f, d in zip(feats, deltas)], dim=1)
         with record_function("ugs_ur/second_decoder_pass"):
-            layer_logits = ctx.rerun(perturbed, matched)  # L x (N_l, 4, n+1)
+            layer_logits = ctx.rerun_perturbed(delta.detach(), matched)  # L x (N_l, 4, n+1)
         self.ur_passes += 1
         total = zero
         for logits in layer_logits:

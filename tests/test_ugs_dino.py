@@ -202,6 +202,58 @@ def test_ur_loss_equals_its_definition():
     assert losses["loss_ur"].item() == pytest.approx(expected, rel=1e-5)
 
 
+@pytest.mark.slow
+def test_ur_by_linearity_equals_the_second_pass_on_perturbed_memory():
+    """The criterion's UR pass reuses the first pass's projected memory (values_l + delta W_l^T,
+    URContext.rerun_perturbed); in float64 its loss and the gradients of every parameter must equal
+    those of the definition: the decoder rerun on memory + delta (URContext.rerun), projections
+    recomputed. A wrong bias, a missed padding mask or a lost gradient path shows here."""
+    _, model, criterion, _ = _build(["ugs.ablation=full"])
+    model.double()
+    with torch.no_grad():
+        model.bbox_embed[0].layers[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    images, masks, targets = _batch()
+    images = images.double()
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    masks = masks.clone()
+    masks[1, :, -9:] = True  # padding on the right of image 1: masked memory positions
+    model.train()
+    criterion.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def ur_loss_and_grads(by_linearity: bool):
+        torch.manual_seed(5)  # same denoising queries in both runs
+        out = model(images, masks, targets)
+        if not by_linearity:
+            ctx = out["ur_context"]
+            ctx.rerun_perturbed = lambda delta, matched=None: ctx.rerun(ctx.memory + delta, matched)
+        losses = criterion(out, targets)
+        return losses["loss_ur"], torch.autograd.grad(losses["loss_ur"], params, allow_unused=True)
+
+    loss_fast, grads_fast = ur_loss_and_grads(True)
+    loss_ref, grads_ref = ur_loss_and_grads(False)
+    assert loss_ref.item() > 0
+    torch.testing.assert_close(loss_fast, loss_ref, rtol=1e-10, atol=0)
+    checked = 0
+    for p, g_fast, g_ref in zip(params, grads_fast, grads_ref):
+        if g_ref is None:
+            assert g_fast is None or g_fast.abs().max() == 0
+            continue
+        torch.testing.assert_close(g_fast, g_ref, rtol=1e-8, atol=1e-12)
+        checked += int(g_ref.abs().max() > 0)
+    value_proj = model.transformer.decoder.layers[0].cross_attn.value_proj.weight
+    assert checked > 10 and any(p is value_proj for p in params)
+    # the config switch: ugs.ur.reuse_projections=false keeps no projections and gives the same loss
+    _, plain, _, _ = _build(["ugs.ablation=full", "ugs.ur.reuse_projections=false"])
+    plain.double().load_state_dict(model.state_dict())
+    plain.train()
+    torch.manual_seed(5)
+    out = plain(images, masks, targets)
+    assert out["ur_context"].inputs.memory_values is None
+    assert model.ur_reuse_projections and not plain.ur_reuse_projections
+    torch.testing.assert_close(criterion(out, targets)["loss_ur"], loss_fast, rtol=1e-10, atol=0)
+
+
 def test_weight_dicts_of_the_ablation_rows():
     _, _, crit_l1, _ = _build(["ugs.ablation=l1"])
     assert "loss_box_ce" not in crit_l1.weight_dict and crit_l1.weight_dict["loss_bbox"] == 5.0

@@ -142,14 +142,17 @@ def gpu_benchmarks(args: argparse.Namespace) -> dict:
 
 
 # DINO vs UGS-DINO: (key, label, override). All three are built from one config and one seed.
+# An override may hold several space-separated `key=value` items.
 UGS_VARIANTS = (("dino", "DINO (L1 baseline)", "ugs.ablation=l1"),
                 ("ugs_ur_off", "UGS, UR off (ce_in_um)", "ugs.ablation=ce_in_um"),
-                ("ugs_ur_on", "UGS, UR on (full)", "ugs.ablation=full"))
+                ("ugs_ur_on", "UGS, UR on (full)", "ugs.ablation=full"),
+                ("ugs_ur_on_recompute", "UGS, UR on, projections recomputed",
+                 "ugs.ablation=full ugs.ur.reuse_projections=false"))
 
 
 def _build_variant(config: str, overrides: list[str], override: str, device: torch.device, seed: int = 0):  # noqa: ANN202
-    cfg = load_config(config, list(overrides) + [override])
-    if override.endswith("=full") and cfg.ugs.ur.weight == 0:
+    cfg = load_config(config, list(overrides) + override.split())
+    if "ugs.ablation=full" in override.split() and cfg.ugs.ur.weight == 0:
         raise ValueError(f"{config}: ugs.ur.weight is 0, so the 'UR on' variant would not run UR")
     torch.manual_seed(seed)
     model, criterion, _ = build_model(cfg)

@@ -5,7 +5,8 @@
 #   if present, tools/benchmark_model.py. Every step is guarded (a failure never stops the rest) and
 #   time-boxed; the whole run stays within GPU_CHECK_BUDGET seconds (default 400).
 # Results go to $OUT (default ./gpu_check_out): logs, benchmarks.md (sections to merge into
-# docs/benchmarks.md), JSON rows, and the compiler log if the build fails.
+# docs/benchmarks.md), JSON rows, and the compiler log if the build fails. GPU_CHECK_SKIP="bench_ops pytest"
+# (step names, space-separated) skips those steps.
 # Anchors are taken from .gpu_carry/ (a git-ignored copy of ../shared/anchors carried to the machine);
 # pytest, if the machine lacks it, from .gpu_carry/pysite (pip install --target .gpu_carry/pysite pytest).
 set +e
@@ -29,6 +30,8 @@ fi
 step() {
   local name="$1" max="$2"; shift 2
   local now left limit rc
+  case " ${GPU_CHECK_SKIP:-} " in *" $name "*)
+    echo "== $name: SKIPPED (GPU_CHECK_SKIP)" | tee -a "$OUT/steps.txt"; return 0;; esac
   now=$(date +%s); left=$((BUDGET - (now - START)))
   limit=$max; [ "$left" -lt "$limit" ] && limit=$left
   if [ "$limit" -lt 15 ]; then

@@ -2,15 +2,15 @@
 
 Imports only torch. The specification is ../shared/docs/ugs_method.md; our choices are in
 docs/ugs.md. Public functions:
-    make_grid, two_hot, expectation, ce_loss, um_loss, ur_perturbation, uncertainty,
-    box_std_pixels.
+    make_grid, two_hot, expectation, ce_loss, um_loss, ur_perturbation (and ur_delta, the
+    perturbation alone), uncertainty, box_std_pixels.
 """
 from ugs.decode import expectation
 from ugs.grid import GRID_KINDS, make_grid
 from ugs.losses import ce_loss, um_loss
-from ugs.refinement import ur_perturbation
+from ugs.refinement import ur_delta, ur_perturbation
 from ugs.targets import two_hot
 from ugs.uncertainty import box_std_pixels, uncertainty
 
 __all__ = ["GRID_KINDS", "make_grid", "two_hot", "expectation", "ce_loss", "um_loss",
-           "ur_perturbation", "uncertainty", "box_std_pixels"]
+           "ur_perturbation", "ur_delta", "uncertainty", "box_std_pixels"]

@@ -25,6 +25,15 @@ def ur_perturbation(features: Sequence[Tensor], grads: Sequence[Tensor | None], 
     masks[l]: (B, S_l) bool, True on padding (the convention for image masks); or None.
     An image whose gradient is zero on a level (e.g. no matched queries) gets delta = 0 there.
     """
+    deltas = ur_delta(features, grads, rho, masks, eps)
+    return [feat if delta is None else feat + delta for feat, delta in zip(features, deltas)]
+
+
+def ur_delta(features: Sequence[Tensor], grads: Sequence[Tensor | None], rho: float,
+             masks: Sequence[Tensor | None] | None = None, eps: float = 1e-12) -> list[Tensor | None]:
+    """The perturbations delta_l themselves (detached, in each feature's dtype; None where grads[l]
+    is None), for callers that exploit linearity: a linear map of F_l + delta_l is the map of F_l,
+    already computed, plus the map of delta_l. Arguments as for `ur_perturbation`."""
     if not (rho >= 0 and rho == rho and rho != float("inf")):
         raise ValueError(f"ur_perturbation: rho must be a finite number >= 0, got {rho!r}")
     if not eps > 0:
@@ -39,7 +48,7 @@ def ur_perturbation(features: Sequence[Tensor], grads: Sequence[Tensor | None], 
             raise ValueError(f"ur_perturbation: features[{level}] must be (B, S_l, C), "
                              f"got {tuple(feat.shape)}")
         if grad is None:
-            out.append(feat)
+            out.append(None)
             continue
         if grad.shape != feat.shape:
             raise ValueError(f"ur_perturbation: grads[{level}] {tuple(grad.shape)} != "
@@ -53,5 +62,5 @@ def ur_perturbation(features: Sequence[Tensor], grads: Sequence[Tensor | None], 
             g = g.masked_fill(mask.unsqueeze(-1), 0.0)
         norm = torch.linalg.vector_norm(g.flatten(1), dim=1).view(-1, 1, 1)  # (B, 1, 1)
         delta = (rho / (norm + eps)) * g
-        out.append(feat + delta.to(feat.dtype))
+        out.append(delta.to(feat.dtype))
     return out
