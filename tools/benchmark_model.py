@@ -257,10 +257,15 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
             sync(device)
             wall_ms = (time.perf_counter() - start) * 1000
         events = prof.key_averages()
-        busy_ms = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1000
+        # kernels and copies only: an op's self device time repeats its kernels' (counted twice)
+        busy_ms = sum(e.self_device_time_total for e in events if _on_device(e)) / 1000
         result[key] = {"label": label, "wall_ms": wall_ms, "device_busy_ms": busy_ms, "ops": len(events),
-                       "op_ms": {e.key: _self_ms(e, device) for e in events},
-                       "op_calls": {e.key: e.count for e in events}}
+                       # host ops only: each kernel's time sits in the self time of the op that
+                       # launched it, so these sum to the step's total once; profiler ranges apart
+                       "op_ms": {e.key: _self_ms(e, device) for e in events if _is_host_op(e)},
+                       "op_calls": {e.key: e.count for e in events if _is_host_op(e)},
+                       "ranges_ms": {e.key: _range_ms(e, device) for e in events
+                                     if getattr(e, "is_user_annotation", False)}}
         ratio = f", device busy {busy_ms:.1f} ms = {busy_ms / wall_ms:.2f} of wall" if device.type == "cuda" else ""
         texts.append(f"### {label}: profiled step {wall_ms:.1f} ms wall (profiler on){ratio}\n"
                      + events.table(sort_by=sort_key, row_limit=top))
@@ -271,6 +276,25 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
     for before, after in zip(keys, keys[1:]):
         texts.append(profile_difference(result, before, after, top))
     return result, "\n\n".join(texts)
+
+
+def _on_device(event) -> bool:  # noqa: ANN001
+    """A device-side event (kernel, memcpy, memset), not a host op nor a profiler range (as
+    torch.profiler's own "Self CUDA time total" counts)."""
+    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+            and not getattr(event, "is_user_annotation", False))
+
+
+def _is_host_op(event) -> bool:  # noqa: ANN001
+    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CPU
+            and not getattr(event, "is_user_annotation", False))
+
+
+def _range_ms(event, device: torch.device) -> float:  # noqa: ANN001
+    """A profiler range's length: on the device where it has a device span, else on the host."""
+    if device.type == "cuda" and getattr(event, "device_time_total", 0.0) > 0:
+        return event.device_time_total / 1000
+    return event.cpu_time_total / 1000
 
 
 def _self_ms(event, device: torch.device) -> float:  # noqa: ANN001
@@ -292,6 +316,11 @@ def profile_difference(result: dict, before: str, after: str, top: int = 20) -> 
         calls = b["op_calls"].get(name, 0) - a["op_calls"].get(name, 0)
         share = delta / total if total > 0 else float("nan")
         lines.append(f"| {name[:90]} | {delta:+.3f} | {calls:+d} | {share:.1%} |")
+    ranges = {**a.get("ranges_ms", {}), **b.get("ranges_ms", {})}
+    if ranges:
+        lines += ["", "Profiler ranges (length; they overlap the ops above): " + ", ".join(
+            f"{n} {b.get('ranges_ms', {}).get(n, 0.0):.2f} ms (was {a.get('ranges_ms', {}).get(n, 0.0):.2f})"
+            for n in sorted(ranges))]
     return "\n".join(lines)
 
 

@@ -78,7 +78,7 @@ struct Options {
 // float32 vector atomic per corner; 8 float32 channels per thread made the encoder backward ~1.7x
 // slower: twice the registers per thread and half the threads in flight to hide atomic latency).
 // For float16 / bfloat16 the forward walks head-major with 2 points' loads in flight per thread
-// (encoder shape, H200, 2026-11-26 13:00 UTC: bfloat16 1.060 ms vs 1.424 ms in query order with
+// (encoder shape, H200, 2026-11-26 12:57 UTC: bfloat16 1.060 ms vs 1.424 ms in query order with
 // one point at a time); for float32 / float64 both switches measured slower (1.51 / 1.48 / 1.59 ms
 // vs 1.42 ms), so they keep query order and one point.
 Options read_options(int64_t elem) {
