@@ -221,7 +221,7 @@ def test_head_major_forward_order_is_a_permutation_grouping_one_head(n, lq, m):
 
 
 def emulate_batched_forward(value, shapes, starts, loc, attn, k):
-    """float64 replay of forward_batched_kernel (ops/csrc/msda_forward_batched.cuh) for one thread per
+    """float64 replay of accumulate_level_batched (ops/csrc/msda_forward_batched.cuh) for one thread per
     (batch, query, head) pair: points of a level in batches of `k`, the last batch padded by repeating
     the last point with its corners forced off the map; off-map corners read element 0 of the level
     (which must exist) and are then zeroed by their flag; offsets stay inside the level."""

@@ -20,6 +20,10 @@
 // the accumulation type, so the per-sample chain is shared-memory read -> value gather rather than
 // global read -> global gather. The level table (H, W, start) is in shared memory too.
 //
+// Forward. forward_kernel<T, TL, V, K> walks each level's points one at a time (K = 1, branchy
+// corner loads) or K = 2 / 4 at a time with branch-free addressing (msda_forward_batched.cuh), in
+// query-major or head-major pair order (Geometry::head_major); defaults per dtype in msda_cuda.cu.
+//
 // Backward. Each thread recomputes its corners, accumulates (a) the gradient of the attention
 // weight (grad_out . sampled) and (b) the gradients of the pixel coordinate over its channels, then
 // the group reduces (a) and (b) with warp shuffles; lane 0 of the group writes the location and
@@ -229,72 +233,115 @@ __device__ __forceinline__ void accumulate_point_grads(const T* __restrict__ vba
   }
 }
 
-template <typename T, typename TL, int V>
-__global__ void __launch_bounds__(kBlockThreads)
-    forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ shapes,
-                   const int64_t* __restrict__ starts, const TL* __restrict__ loc,
-                   const TL* __restrict__ attn, T* __restrict__ out, const Geometry g) {
+// The common start of both forward kernels: stage the level table (and the block's locations and
+// weights), then locate this thread's pair. `active` is false for the threads of a partial last
+// block, which may return at once (the forward has no group-wide collectives after staging).
+template <typename T, typename acc_t>
+struct ForwardThread {
+  const int* lvl;
+  const acc_t *sx, *sy, *sw;
+  int64_t pair;    // in memory order (n, q, m)
+  int local_pair;  // within the block (staging index)
+  int lane;        // within the pair's group
+  const T* vbase;  // value of this pair's batch element and head
+  bool active;
+};
+
+template <typename T, typename TL>
+__device__ inline ForwardThread<T, typename Acc<T>::type> forward_thread(
+    const T* __restrict__ value, const int64_t* __restrict__ shapes, const int64_t* __restrict__ starts,
+    const TL* __restrict__ loc, const TL* __restrict__ attn, const Geometry& g) {
   using acc_t = typename Acc<T>::type;
   extern __shared__ __align__(16) unsigned char smem[];
+  ForwardThread<T, acc_t> t;
   const int pairs_per_block = blockDim.x / g.group;
   const int kk = g.levels * g.points;
   int* lvl = reinterpret_cast<int*>(smem);
   acc_t* sx = reinterpret_cast<acc_t*>(smem + align16(sizeof(int) * 3 * g.levels));
   acc_t* sy = sx + pairs_per_block * kk;
   acc_t* sw = sy + pairs_per_block * kk;
-
   const int64_t first_pair = static_cast<int64_t>(blockIdx.x) * pairs_per_block;
   const int64_t left = g.pairs - first_pair;
   const int pairs_here = left < pairs_per_block ? static_cast<int>(left) : pairs_per_block;
   load_level_table_and_stage<TL, acc_t>(shapes, starts, loc, attn, lvl, sx, sy, sw, g, first_pair,
                                         pairs_here);
+  t.lvl = lvl;
+  t.sx = sx;
+  t.sy = sy;
+  t.sw = sw;
+  t.local_pair = threadIdx.x / g.group;
+  t.lane = threadIdx.x % g.group;
+  t.active = t.local_pair < pairs_here;
+  t.pair = g.head_major ? memory_pair_of_head_major(first_pair + t.local_pair, g) : first_pair + t.local_pair;
+  const int64_t n = t.pair / (static_cast<int64_t>(g.lq) * g.m);
+  const int head = static_cast<int>(t.pair % g.m);
+  t.vbase = value + n * g.value_batch + static_cast<int64_t>(head) * g.d;
+  return t;
+}
 
-  const int local_pair = threadIdx.x / g.group;
-  const int lane = threadIdx.x % g.group;
-  if (local_pair >= pairs_here) return;  // forward has no group-wide collectives after staging
-  const int64_t pair = g.head_major ? memory_pair_of_head_major(first_pair + local_pair, g)
-                                    : first_pair + local_pair;
+// One level's points, one at a time (the default forward for float32 / float64): each corner load
+// behind its own bounds branch, off-map points skipped.
+template <typename T, typename TL, int V, typename acc_t>
+__device__ __forceinline__ void accumulate_level(const T* __restrict__ vl, int h, int w, int md, int l,
+                                                 const TL* __restrict__ loc, const TL* __restrict__ attn,
+                                                 const ForwardThread<T, acc_t>& t, const Geometry& g,
+                                                 acc_t (&acc)[V]) {
+#pragma unroll 4
+  for (int p = 0; p < g.points; ++p) {
+    acc_t x, y, aw;
+    fetch_sample<TL, acc_t>(loc, attn, t.sx, t.sy, t.sw, g, t.pair, t.local_pair, l * g.points + p, x, y, aw);
+    const acc_t px = x * w - acc_t(0.5);
+    const acc_t py = y * h - acc_t(0.5);
+    // also rejects NaN and keeps the int conversion below in range
+    if (!(px >= acc_t(-1) && py >= acc_t(-1) && px < acc_t(w) && py < acc_t(h))) continue;
+    const acc_t fx0 = floor(px), fy0 = floor(py);
+    const int x0 = static_cast<int>(fx0), y0 = static_cast<int>(fy0);
+    const acc_t fx = px - fx0, fy = py - fy0;
+    const bool xl = x0 >= 0, xr = x0 + 1 < w, yt = y0 >= 0, yb = y0 + 1 < h;
+    const int row0 = y0 * w, row1 = row0 + w;
+    if (yt && xl) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row0 + x0) * md, aw * (1 - fx) * (1 - fy), acc);
+    if (yt && xr) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row0 + x0 + 1) * md, aw * fx * (1 - fy), acc);
+    if (yb && xl) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row1 + x0) * md, aw * (1 - fx) * fy, acc);
+    if (yb && xr) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row1 + x0 + 1) * md, aw * fx * fy, acc);
+  }
+}
 
+}  // namespace detail
+}  // namespace msda
+
+#include "msda_forward_batched.cuh"  // accumulate_level_batched: K points at a time (MSDA_CUDA_FWD_BATCH)
+
+namespace msda {
+namespace detail {
+
+// K = 1: accumulate_level; K = 2 or 4: accumulate_level_batched (msda_forward_batched.cuh).
+template <typename T, typename TL, int V, int K>
+__global__ void __launch_bounds__(kBlockThreads)
+    forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ shapes,
+                   const int64_t* __restrict__ starts, const TL* __restrict__ loc,
+                   const TL* __restrict__ attn, T* __restrict__ out, const Geometry g) {
+  using acc_t = typename Acc<T>::type;
+  const ForwardThread<T, acc_t> t = forward_thread<T, TL>(value, shapes, starts, loc, attn, g);
+  if (!t.active) return;
   const int md = g.m * g.d;
-  const int64_t n = pair / (static_cast<int64_t>(g.lq) * g.m);
-  const int head = static_cast<int>(pair % g.m);
-  const T* vbase = value + n * g.value_batch + static_cast<int64_t>(head) * g.d;
-
-  for (int c = lane; c < g.chunks; c += g.group) {
+  for (int c = t.lane; c < g.chunks; c += g.group) {
     acc_t acc[V];
 #pragma unroll
     for (int j = 0; j < V; ++j) acc[j] = acc_t(0);
-    const T* vchunk = vbase + c * V;
+    const T* vchunk = t.vbase + c * V;
     for (int l = 0; l < g.levels; ++l) {
-      const int h = lvl[3 * l], w = lvl[3 * l + 1];
-      const T* vl = vchunk + static_cast<int64_t>(lvl[3 * l + 2]) * md;
-#pragma unroll 4
-      for (int p = 0; p < g.points; ++p) {
-        acc_t x, y, aw;
-        fetch_sample<TL, acc_t>(loc, attn, sx, sy, sw, g, pair, local_pair, l * g.points + p, x, y, aw);
-        const acc_t px = x * w - acc_t(0.5);
-        const acc_t py = y * h - acc_t(0.5);
-        // also rejects NaN and keeps the int conversion below in range
-        if (!(px >= acc_t(-1) && py >= acc_t(-1) && px < acc_t(w) && py < acc_t(h))) continue;
-        const acc_t fx0 = floor(px), fy0 = floor(py);
-        const int x0 = static_cast<int>(fx0), y0 = static_cast<int>(fy0);
-        const acc_t fx = px - fx0, fy = py - fy0;
-        const bool xl = x0 >= 0, xr = x0 + 1 < w, yt = y0 >= 0, yb = y0 + 1 < h;
-        const int row0 = y0 * w, row1 = row0 + w;
-        if (yt && xl) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row0 + x0) * md,
-                                            aw * (1 - fx) * (1 - fy), acc);
-        if (yt && xr) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row0 + x0 + 1) * md,
-                                            aw * fx * (1 - fy), acc);
-        if (yb && xl) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row1 + x0) * md,
-                                            aw * (1 - fx) * fy, acc);
-        if (yb && xr) add_pack<T, V, acc_t>(vl + static_cast<int64_t>(row1 + x0 + 1) * md,
-                                            aw * fx * fy, acc);
+      const int h = t.lvl[3 * l], w = t.lvl[3 * l + 1];
+      const T* vl = vchunk + static_cast<int64_t>(t.lvl[3 * l + 2]) * md;
+      if constexpr (K == 1) {
+        accumulate_level<T, TL, V, acc_t>(vl, h, w, md, l, loc, attn, t, g, acc);
+      } else {
+        accumulate_level_batched<T, TL, V, K, acc_t>(vl, h, w, md, l, loc, attn, t, g, acc);
       }
     }
     Pack<T, V> pk;
 #pragma unroll
     for (int j = 0; j < V; ++j) pk.v[j] = static_cast<T>(acc[j]);
-    *reinterpret_cast<Pack<T, V>*>(out + pair * g.d + c * V) = pk;
+    *reinterpret_cast<Pack<T, V>*>(out + t.pair * g.d + c * V) = pk;
   }
 }
 
@@ -388,7 +435,6 @@ __global__ void __launch_bounds__(kBlockThreads)
 }  // namespace msda
 
 #include "msda_backward_v2.cuh"  // the opt-in backward (MSDA_CUDA_BWD=v2); uses the helpers above
-#include "msda_forward_batched.cuh"  // the opt-in forward (MSDA_CUDA_FWD_BATCH=2 or 4)
 
 namespace msda {
 namespace detail {
@@ -399,13 +445,11 @@ cudaError_t launch_forward(const Launch& lp, const T* value, const int64_t* shap
   const int pairs_per_block = lp.threads / lp.g.group;
   const int64_t blocks = (lp.g.pairs + pairs_per_block - 1) / pairs_per_block;
   if (lp.g.forward_batch == 4) {
-    forward_batched_kernel<T, TL, V, 4><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn,
-                                                                                out, lp.g);
+    forward_kernel<T, TL, V, 4><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
   } else if (lp.g.forward_batch == 2) {
-    forward_batched_kernel<T, TL, V, 2><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn,
-                                                                                out, lp.g);
+    forward_kernel<T, TL, V, 2><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
   } else {
-    forward_kernel<T, TL, V><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
+    forward_kernel<T, TL, V, 1><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
   }
   return cudaGetLastError();
 }
