@@ -115,7 +115,7 @@ fi
 
 # 4. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
 step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda \
-  --impls ours,ours-fwd-head,ours-fwd-b2,ours-fwd-b4,ours-fwd-head-b2,ours-fwd-head-b4,pytorch,original \
+  --impls ours,ours-fwd-query-b1,ours-fwd-head-b2,pytorch,original \
   --msda-original .gpu_carry/msda_original --write-docs --docs-path "$OUT/benchmarks.md" \
   --partial "$OUT/bench_ops_partial.md" --json "$OUT/bench_ops.json"
 
