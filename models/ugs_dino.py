@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -47,6 +48,9 @@ class URContext:
     level_sizes: list[int]
     decoder: Decoder
     box_head: DistributionBoxHead
+    # the autocast state of the first pass (enabled, dtype), re-entered by the second pass so that
+    # it runs at the same precision wherever the criterion is called
+    autocast: tuple[bool, torch.dtype] = (False, torch.float32)
 
     @property
     def memory(self) -> Tensor:
@@ -61,8 +65,9 @@ class URContext:
         """The decoder again on `memory` (B, S, d), same queries and anchors -> per decoder layer
         the bin logits (B, Q, 4, n+1), or with `matched` (one (batch_idx (N_l,), query_idx (N_l,))
         per layer) only those queries' (N_l, 4, n+1): the box head runs on nothing else."""
-        hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory": memory, "memory_values": None})
-        return self._bin_logits(hs, matched)
+        with self._first_pass_precision():
+            hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory": memory, "memory_values": None})
+            return self._bin_logits(hs, matched)
 
     def rerun_perturbed(self, delta: Tensor, matched: list[tuple[Tensor, Tensor]] | None = None) -> list[Tensor]:
         """`rerun(memory + delta, matched)`, computed by linearity where the first pass kept its
@@ -75,9 +80,15 @@ class URContext:
         if values is None:
             return self.rerun(self.memory + delta, matched)
         layers = self.decoder.layers
-        perturbed = [v + F.linear(delta, layer.cross_attn.value_proj.weight) for v, layer in zip(values, layers)]
-        hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory_values": perturbed})
-        return self._bin_logits(hs, matched)
+        with self._first_pass_precision():
+            perturbed = [v + F.linear(delta, layer.cross_attn.value_proj.weight).to(v.dtype)
+                         for v, layer in zip(values, layers)]
+            hs, _ = self.decoder(**{**self.inputs.kwargs(), "memory_values": perturbed})
+            return self._bin_logits(hs, matched)
+
+    def _first_pass_precision(self) -> torch.autocast:
+        enabled, dtype = self.autocast
+        return torch.autocast(self.memory.device.type, dtype=dtype, enabled=enabled)
 
     def _bin_logits(self, hs: list[Tensor], matched: list[tuple[Tensor, Tensor]] | None) -> list[Tensor]:
         if matched is None:
@@ -131,7 +142,9 @@ class UGSDINO(DINO):
             num_dn = out["dn_meta"]["pad_size"] if out.get("dn_meta") else 0
             inputs = stages["decoder_inputs"].without_denoising(num_dn)
             sizes = [int(h) * int(w) for h, w in inputs.spatial_shapes.tolist()]
-            out["ur_context"] = URContext(inputs, sizes, self.transformer.decoder, self.bbox_embed[0])
+            device = images.device.type
+            precision = (torch.is_autocast_enabled(device), torch.get_autocast_dtype(device))
+            out["ur_context"] = URContext(inputs, sizes, self.transformer.decoder, self.bbox_embed[0], precision)
         return out
 
     def box_outputs(self, layer: int, hidden: Tensor, reference_boxes: Tensor) -> dict[str, Tensor]:

@@ -203,12 +203,14 @@ def test_ur_loss_equals_its_definition():
 
 
 @pytest.mark.slow
-def test_ur_by_linearity_equals_the_second_pass_on_perturbed_memory():
+@pytest.mark.parametrize("levels", [[], ["ugs.ur.levels=[0,2]"]])
+def test_ur_by_linearity_equals_the_second_pass_on_perturbed_memory(levels):
     """The criterion's UR pass reuses the first pass's projected memory (values_l + delta W_l^T,
     URContext.rerun_perturbed); in float64 its loss and the gradients of every parameter must equal
     those of the definition: the decoder rerun on memory + delta (URContext.rerun), projections
-    recomputed. A wrong bias, a missed padding mask or a lost gradient path shows here."""
-    _, model, criterion, _ = _build(["ugs.ablation=full"])
+    recomputed; also with only some levels perturbed. A wrong bias, a missed padding mask or a lost
+    gradient path shows here."""
+    _, model, criterion, _ = _build(["ugs.ablation=full"] + levels)
     model.double()
     with torch.no_grad():
         model.bbox_embed[0].layers[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
@@ -244,7 +246,7 @@ def test_ur_by_linearity_equals_the_second_pass_on_perturbed_memory():
     value_proj = model.transformer.decoder.layers[0].cross_attn.value_proj.weight
     assert checked > 10 and any(p is value_proj for p in params)
     # the config switch: ugs.ur.reuse_projections=false keeps no projections and gives the same loss
-    _, plain, _, _ = _build(["ugs.ablation=full", "ugs.ur.reuse_projections=false"])
+    _, plain, _, _ = _build(["ugs.ablation=full", "ugs.ur.reuse_projections=false"] + levels)
     plain.double().load_state_dict(model.state_dict())
     plain.train()
     torch.manual_seed(5)
@@ -252,6 +254,34 @@ def test_ur_by_linearity_equals_the_second_pass_on_perturbed_memory():
     assert out["ur_context"].inputs.memory_values is None
     assert model.ur_reuse_projections and not plain.ur_reuse_projections
     torch.testing.assert_close(criterion(out, targets)["loss_ur"], loss_fast, rtol=1e-10, atol=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("reuse", ["true", "false"])
+def test_ur_second_pass_runs_at_the_first_pass_precision(reuse):
+    """A bfloat16-autocast forward with the criterion called outside autocast (as a user script or
+    a benchmark may do): the UR pass re-enters the first pass's autocast state, so it neither fails
+    on mixed dtypes nor runs at another precision: loss_ur equals that of the criterion called
+    inside autocast (the training engine's way), and the gradients are finite."""
+    _, model, criterion, _ = _build(["ugs.ablation=full", f"ugs.ur.reuse_projections={reuse}"])
+    images, masks, targets = _batch()
+    model.train()
+    criterion.train()
+    results = []
+    for criterion_inside in (False, True):
+        torch.manual_seed(9)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(images, masks, targets)
+            losses = criterion(out, targets) if criterion_inside else None
+        if not criterion_inside:
+            assert out["ur_context"].autocast == (True, torch.bfloat16)
+            losses = criterion(out, targets)
+        total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+        model.zero_grad()
+        total.backward()
+        assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+        results.append(losses["loss_ur"].item())
+    assert results[0] > 0 and results[0] == results[1]
 
 
 def test_weight_dicts_of_the_ablation_rows():
