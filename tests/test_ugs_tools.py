@@ -126,6 +126,10 @@ def test_benchmark_ugs_comparison_cpu_one_step():
     table = benchmark_model.ugs_table(res, "cpu")
     assert table.count("\n| ") == 5 and "UGS, UR on (full)" in table  # header + 4 variants
     assert res["ugs_ur_on_cpu_time_ratio"] > 0 and res["dino"]["step_cpu_ms"] > 0
+    # under bfloat16 autocast (criterion inside autocast, as in util/engine.py): every variant runs
+    res = benchmark_model.ugs_comparison("dino_tiny", TINY, torch.device("cpu"), 1, 64, 64, 3, iters=1, warmup=0,
+                                         bf16=True)
+    assert res["setup"]["bf16_autocast"] and all(res[k]["step_ms"] > 0 for k in ("dino", "ugs_ur_on"))
 
 
 @pytest.mark.slow

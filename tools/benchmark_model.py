@@ -67,9 +67,9 @@ def make_step(model, criterion, optimizer, batch, device: torch.device, bf16: bo
     def step() -> None:
         model.train()
         criterion.train()
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):  # as util/engine.py
             outputs = model(images, masks, targets)
-        losses = criterion(outputs, targets)
+            losses = criterion(outputs, targets)
         total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
         optimizer.zero_grad(set_to_none=True)
         total.backward()
@@ -164,11 +164,11 @@ def _build_variant(config: str, overrides: list[str], override: str, device: tor
 
 
 def _variant_step(config: str, overrides: list[str], override: str, device: torch.device, batch_size: int,
-                  h: int, w: int, boxes: int, max_box: float, warmup: int):  # noqa: ANN202
+                  h: int, w: int, boxes: int, max_box: float, warmup: int, bf16: bool = False):  # noqa: ANN202
     """A training-step closure of one variant on its own random batch, after `warmup` steps."""
     model, criterion, optimizer, num_classes = _build_variant(config, overrides, override, device)
     step = make_step(model, criterion, optimizer, make_batch(batch_size, h, w, boxes, device, num_classes, max_box),
-                     device)
+                     device, bf16)
     for _ in range(warmup):
         step()
     return step
@@ -176,7 +176,7 @@ def _variant_step(config: str, overrides: list[str], override: str, device: torc
 
 def ugs_comparison(config: str, overrides: list[str], device: torch.device, batch_size: int, h: int, w: int,
                    boxes: int, iters: int, warmup: int, max_box: float = 0.03,
-                   variants: tuple = UGS_VARIANTS) -> dict:
+                   variants: tuple = UGS_VARIANTS, bf16: bool = False) -> dict:
     """Training-step time (median and fastest of alternating steps; on CPU also the process CPU
     time) and, on CUDA, peak memory of each variant.
 
@@ -186,13 +186,13 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
     """
     result: dict = {"setup": {"config": config, "overrides": list(overrides), "batch": batch_size, "h": h, "w": w,
                               "boxes_per_image": boxes, "iters": iters, "warmup": warmup,
-                              "device": str(device), "msda_backend": ops.backend(),
+                              "device": str(device), "msda_backend": ops.backend(), "bf16_autocast": bf16,
                               "threads": torch.get_num_threads()}}
     if device.type == "cuda":  # peak memory: one variant resident at a time
         torch.cuda.empty_cache()
         for key, _label, override in variants:
             step = _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box,
-                                 max(1, warmup))
+                                 max(1, warmup), bf16)
             sync(device)
             torch.cuda.reset_peak_memory_stats(device)
             step()
@@ -200,7 +200,7 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
             result[key] = {"peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2 ** 30}
             del step
             torch.cuda.empty_cache()
-    steps = {key: _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box, warmup)
+    steps = {key: _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box, warmup, bf16)
              for key, _label, override in variants}
     times: dict[str, list[float]] = {key: [] for key in steps}
     cpu_times: dict[str, list[float]] = {key: [] for key in steps}
@@ -391,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-ugs-iters", type=int, default=5, help="CPU: timed steps per UGS variant")
     parser.add_argument("--cpu-ugs-warmup", type=int, default=1, help="CPU: untimed steps per UGS variant")
     parser.add_argument("--cpu-ugs-size", type=int, default=128, help="CPU: square input side (dino_tiny)")
+    parser.add_argument("--ugs-bf16", action="store_true",
+                        help="GPU: also run the DINO vs UGS-DINO comparison under bfloat16 autocast")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
                              "top ops and, on a GPU, how busy the device is during the step")
@@ -410,6 +412,14 @@ def main(argv: list[str] | None = None) -> int:
             results["ugs_cuda"] = ugs_gpu
             tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, fp32)"))
             print(tables[-1], flush=True)
+            if args.ugs_bf16:
+                ugs_bf16 = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800,
+                                          1088, 60, args.ugs_iters, args.ugs_warmup, bf16=True)
+                ugs_bf16["setup"]["gpu"] = ugs_gpu["setup"]["gpu"]
+                results["ugs_cuda_bf16"] = ugs_bf16
+                tables.append(ugs_table(ugs_bf16, f"DINO vs UGS-DINO training step ({ugs_bf16['setup']['gpu']}, "
+                                                  "bf16 autocast)"))
+                print(tables[-1], flush=True)
             if args.profile:
                 results["ugs_cuda_profile"], text = profile_variants(
                     "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60)

@@ -126,7 +126,7 @@ step bench_deformops 170 "$PY" tools/benchmark_ops.py --device cuda --impls ours
 
 # 6. DINO vs UGS-DINO training steps (UR cost) and one profiled step of each
 if [ -f tools/benchmark_model.py ]; then
-  step bench_model 180 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --profile
+  step bench_model 200 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --ugs-bf16 --profile
 fi
 
 echo "== total $(( $(date +%s) - START )) s"; cat "$OUT/steps.txt"
