@@ -161,7 +161,7 @@ class UGSCriterion(SetCriterion):
             deltas = ugs.ur_delta(feats, grads, self.ur_rho, masks, self.ur_eps)
             delta = torch.cat([torch.zeros_like(f) if d is None else d for f, d in zip(feats, deltas)], dim=1)
         with record_function("ugs_ur/second_decoder_pass"):
-            layer_logits = ctx.rerun_perturbed(delta.detach(), matched)  # L x (N_l, 4, n+1)
+            layer_logits = ctx.rerun_perturbed(delta, matched)  # L x (N_l, 4, n+1); delta is detached
         self.ur_passes += 1
         total = zero
         for logits in layer_logits:

@@ -151,8 +151,9 @@ UGS_VARIANTS = (("dino", "DINO (L1 baseline)", "ugs.ablation=l1"),
 
 
 def _build_variant(config: str, overrides: list[str], override: str, device: torch.device, seed: int = 0):  # noqa: ANN202
-    cfg = load_config(config, list(overrides) + override.split())
-    if "ugs.ablation=full" in override.split() and cfg.ugs.ur.weight == 0:
+    items = override.split()
+    cfg = load_config(config, list(overrides) + items)
+    if "ugs.ablation=full" in items and cfg.ugs.ur.weight == 0:
         raise ValueError(f"{config}: ugs.ur.weight is 0, so the 'UR on' variant would not run UR")
     torch.manual_seed(seed)
     model, criterion, _ = build_model(cfg)
@@ -278,16 +279,19 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
     return result, "\n\n".join(texts)
 
 
-def _on_device(event) -> bool:  # noqa: ANN001
-    """A device-side event (kernel, memcpy, memset), not a host op nor a profiler range (as
-    torch.profiler's own "Self CUDA time total" counts)."""
-    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CUDA
+def _is(event, device_type: torch.autograd.DeviceType) -> bool:  # noqa: ANN001
+    """An op or kernel on that side, not a profiler range (torch.profiler's own "Self CUDA time
+    total" leaves ranges out too)."""
+    return (getattr(event, "device_type", None) == device_type
             and not getattr(event, "is_user_annotation", False))
+
+
+def _on_device(event) -> bool:  # noqa: ANN001
+    return _is(event, torch.autograd.DeviceType.CUDA)  # kernels, memcpy, memset
 
 
 def _is_host_op(event) -> bool:  # noqa: ANN001
-    return (getattr(event, "device_type", None) == torch.autograd.DeviceType.CPU
-            and not getattr(event, "is_user_annotation", False))
+    return _is(event, torch.autograd.DeviceType.CPU)
 
 
 def _range_ms(event, device: torch.device) -> float:  # noqa: ANN001
@@ -406,19 +410,14 @@ def main(argv: list[str] | None = None) -> int:
             results["cuda"] = gpu_benchmarks(args)
             tables.append(dino_tables(results["cuda"]))
         if not args.skip_ugs:
-            ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088,
-                                     60, args.ugs_iters, args.ugs_warmup)
-            ugs_gpu["setup"]["gpu"] = torch.cuda.get_device_name(device)
-            results["ugs_cuda"] = ugs_gpu
-            tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, fp32)"))
-            print(tables[-1], flush=True)
-            if args.ugs_bf16:
-                ugs_bf16 = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800,
-                                          1088, 60, args.ugs_iters, args.ugs_warmup, bf16=True)
-                ugs_bf16["setup"]["gpu"] = ugs_gpu["setup"]["gpu"]
-                results["ugs_cuda_bf16"] = ugs_bf16
-                tables.append(ugs_table(ugs_bf16, f"DINO vs UGS-DINO training step ({ugs_bf16['setup']['gpu']}, "
-                                                  "bf16 autocast)"))
+            for bf16 in (False, True) if args.ugs_bf16 else (False,):
+                ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800,
+                                         1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16)
+                ugs_gpu["setup"]["gpu"] = torch.cuda.get_device_name(device)
+                results["ugs_cuda_bf16" if bf16 else "ugs_cuda"] = ugs_gpu
+                precision = "bf16 autocast" if bf16 else "fp32"
+                tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, "
+                                                 f"{precision})"))
                 print(tables[-1], flush=True)
             if args.profile:
                 results["ugs_cuda_profile"], text = profile_variants(
