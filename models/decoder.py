@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from models.deformable_attention import MSDeformAttn
 from models.heads import MLP, refine_boxes
 from models.position_encoding import box_sine_embedding
+from models.self_attention import SelfAttention
 
 
 @dataclass
@@ -68,7 +69,7 @@ class DecoderLayer(nn.Module):
         self.cross_attn = MSDeformAttn(d_model, n_levels, n_heads, n_points)
         self.dropout1 = nn.Dropout(dropout)
         self.norm1 = nn.LayerNorm(d_model)
-        self.self_attn = nn.MultiheadAttention(d_model, n_heads, dropout=dropout, batch_first=True)
+        self.self_attn = SelfAttention(d_model, n_heads, dropout=dropout)
         self.dropout2 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
         self.linear1 = nn.Linear(d_model, dim_feedforward)
@@ -82,8 +83,7 @@ class DecoderLayer(nn.Module):
                 self_attn_mask: Tensor | None, memory_value: Tensor | None = None) -> Tensor:
         """tgt, query_pos (B, T, d); reference_points (B, T, L, 4); memory (B, S, d) (no pos added);
         memory_value: `cross_attn.project_value(memory, memory_padding_mask)`, if already computed."""
-        q = k = tgt + query_pos
-        sa = self.self_attn(q, k, tgt, attn_mask=self_attn_mask, need_weights=False)[0]
+        sa = self.self_attn(tgt + query_pos, tgt, self_attn_mask)
         tgt = self.norm2(tgt + self.dropout2(sa))
         ca = self.cross_attn(tgt + query_pos, reference_points, memory, spatial_shapes, level_start_index,
                              memory_padding_mask, memory_value)

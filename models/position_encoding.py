@@ -63,5 +63,7 @@ def box_sine_embedding(boxes_cxcywh: Tensor, num_feats: int, temperature: float 
     hard-codes 128, which equals d/2 for d = 256).
     """
     boxes = boxes_cxcywh.to(_compute_dtype(boxes_cxcywh.dtype)) * (2 * math.pi)
-    x, y, w, h = boxes.unbind(-1)
-    return torch.cat([_sine(v, num_feats, temperature) for v in (y, x, w, h)], dim=-1)
+    # all four coordinates in one pass (the decoder calls this once per layer; few operators
+    # matter there, its kernels are launch-bound on a GPU): (..., 4) -> (..., 4, num_feats)
+    yxwh = torch.cat((boxes[..., :2].flip(-1), boxes[..., 2:]), dim=-1)
+    return _sine(yxwh, num_feats, temperature).flatten(-2)

@@ -95,7 +95,9 @@ class URContext:
             return [self.box_head.bin_logits(h) for h in hs]
         if len(matched) != len(hs):
             raise ValueError(f"URContext: {len(matched)} index pairs for {len(hs)} decoder layers")
-        return [self.box_head.bin_logits(h[b, q]) for h, (b, q) in zip(hs, matched)]
+        # the head is shared by the layers: one call on all layers' rows (fewer small kernels)
+        rows = torch.cat([h[b, q] for h, (b, q) in zip(hs, matched)])
+        return list(self.box_head.bin_logits(rows).split([b.numel() for b, _q in matched]))
 
 
 class UGSDINO(DINO):

@@ -163,8 +163,6 @@ class UGSCriterion(SetCriterion):
         with record_function("ugs_ur/second_decoder_pass"):
             layer_logits = ctx.rerun_perturbed(delta, matched)  # L x (N_l, 4, n+1); delta is detached
         self.ur_passes += 1
-        total = zero
-        for logits in layer_logits:
-            total = total + ugs.um_loss(logits).mean(-1).sum() / num_boxes
-        return total
+        # sum over layers of each layer's sum = one sum over all layers' rows
+        return zero + ugs.um_loss(torch.cat(layer_logits)).mean(-1).sum() / num_boxes
 
