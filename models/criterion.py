@@ -35,6 +35,11 @@ model emits for the same queries, e.g. with UGS::
             um = ugs.um_loss(logits).mean(-1)                       # (N,)
             return {"loss_bbox_ce": ce.sum() / matched.num_boxes, "loss_um": um.sum() / matched.num_boxes}
 
+A term may instead define ``forward_sets(sets: list[MatchedPairs]) -> list[dict]`` (one dict per set,
+same order): the criterion then calls it once per forward with every set that has predictions,
+after all of them are matched, so that it can compute its loss on all sets' pairs at once (UGS
+does: on a GPU each small per-set kernel costs more to launch than to run).
+
 The default is ``(L1BoxLoss(), GIoUBoxLoss())``; UGS replaces ``L1BoxLoss`` by its CE term (or keeps
 it unweighted for logging) and adds UM, and gives the new keys weights in ``weight_dict`` (see
 ``expand_weight_dict``). Terms that are ``nn.Module`` are registered as sub-modules, so buffers
@@ -217,6 +222,13 @@ def expand_weight_dict(base: dict[str, float], num_decoder_layers: int, aux_loss
     return weights
 
 
+def _checked(term: BoxLossTerm, values: dict[str, Tensor]) -> dict[str, Tensor]:
+    if set(values) != set(term.names):
+        raise ValueError(f"box-loss term {term!r} returned keys {sorted(values)}, "
+                         f"declared names {list(term.names)}")
+    return values
+
+
 @dataclass
 class _OutputSet:
     suffix: str
@@ -299,13 +311,11 @@ class SetCriterion(nn.Module):
         return out
 
     def box_loss(self, matched: MatchedPairs) -> dict[str, Tensor]:
+        """The per-set box-loss terms of one set (terms with `forward_sets` run in `forward`)."""
         out: dict[str, Tensor] = {}
         for term in self.box_losses:
-            values = term(matched)
-            if set(values) != set(term.names):
-                raise ValueError(f"box-loss term {term!r} returned keys {sorted(values)}, "
-                                 f"declared names {list(term.names)}")
-            out.update(values)
+            if not hasattr(term, "forward_sets"):
+                out.update(_checked(term, term(matched)))
         return out
 
     def matched_pairs(self, outputs: dict, targets: list[dict], indices: MatchIndices, num_boxes: float,
@@ -412,6 +422,7 @@ class SetCriterion(nn.Module):
         num_boxes = self.num_boxes(targets, logits.device)
         losses: dict[str, Tensor] = {}
         used: dict[str, MatchIndices] = {}
+        active: list[MatchedPairs] = []
         with torch.autocast(device_type=logits.device.type, enabled=False):
             for s in self.output_sets(outputs, targets):
                 if s.outputs is None:
@@ -429,4 +440,10 @@ class SetCriterion(nn.Module):
                 used[s.suffix] = idx
                 matched = self.matched_pairs(s.outputs, targets, idx, num_boxes * s.num_boxes_scale, s.suffix)
                 losses.update({f"{k}{s.suffix}": v for k, v in self.set_losses(matched, targets, s.log).items()})
+                active.append(matched)
+            if "boxes" in self.losses and active:
+                for term in self.box_losses:
+                    if hasattr(term, "forward_sets"):
+                        for matched, values in zip(active, term.forward_sets(active), strict=True):
+                            losses.update({f"{k}{matched.suffix}": v for k, v in _checked(term, values).items()})
         return (losses, used) if return_indices else losses

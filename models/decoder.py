@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from models.deformable_attention import MSDeformAttn
 from models.heads import MLP, refine_boxes
-from models.position_encoding import box_sine_embedding
+from models.position_encoding import box_sine_embedding, sine_divisors
 from models.self_attention import SelfAttention
 
 
@@ -128,9 +128,10 @@ class Decoder(nn.Module):
         references = [reference]
         hs = []
         ratios = torch.cat([valid_ratios, valid_ratios], -1)[:, None]  # (B, 1, L, 4)
+        divisors = sine_divisors(self.d_model // 2, 10000.0, reference.dtype, reference.device)
         for layer_id, layer in enumerate(self.layers):
             reference_input = reference[:, :, None] * ratios.to(reference.dtype)  # (B, T, L, 4)
-            query_sine = box_sine_embedding(reference_input[:, :, 0, :], self.d_model // 2)
+            query_sine = box_sine_embedding(reference_input[:, :, 0, :], self.d_model // 2, divisors=divisors)
             query_pos = self.ref_point_head(query_sine.to(output.dtype))
             output = layer(output, query_pos, reference_input, memory, spatial_shapes, level_start_index,
                            memory_padding_mask, self_attn_mask,

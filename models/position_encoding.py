@@ -18,11 +18,18 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _sine(values: Tensor, num_feats: int, temperature: float) -> Tensor:
+def sine_divisors(num_feats: int, temperature: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(num_feats,) the divisors `T ** (2*floor(i/2)/n)`: a caller that embeds many times per
+    forward (the decoder, once per layer) computes them once."""
+    dim_t = torch.arange(num_feats, dtype=_compute_dtype(dtype), device=device)
+    return temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+
+
+def _sine(values: Tensor, num_feats: int, temperature: float, divisors: Tensor | None = None) -> Tensor:
     """values (...,) already scaled -> (..., num_feats) interleaved [sin f0, cos f0, sin f1, ...]."""
-    dim_t = torch.arange(num_feats, dtype=values.dtype, device=values.device)
-    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
-    pos = values[..., None] / dim_t
+    if divisors is None:
+        divisors = sine_divisors(num_feats, temperature, values.dtype, values.device)
+    pos = values[..., None] / divisors
     return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
@@ -56,14 +63,16 @@ class PositionEmbeddingSine(nn.Module):
         return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
 
 
-def box_sine_embedding(boxes_cxcywh: Tensor, num_feats: int, temperature: float = 10000.0) -> Tensor:
+def box_sine_embedding(boxes_cxcywh: Tensor, num_feats: int, temperature: float = 10000.0,
+                       divisors: Tensor | None = None) -> Tensor:
     """Query position features of reference boxes: (..., 4) in [0, 1] -> (..., 4*num_feats).
 
     Order (y, x, w, h), i.e. (cy, cx, w, h); `num_feats` = hidden_dim / 2 (the official code
-    hard-codes 128, which equals d/2 for d = 256).
+    hard-codes 128, which equals d/2 for d = 256). divisors: `sine_divisors(num_feats,
+    temperature, ...)` if the caller has them.
     """
     boxes = boxes_cxcywh.to(_compute_dtype(boxes_cxcywh.dtype)) * (2 * math.pi)
     # all four coordinates in one pass (the decoder calls this once per layer; few operators
     # matter there, its kernels are launch-bound on a GPU): (..., 4) -> (..., 4, num_feats)
     yxwh = torch.cat((boxes[..., :2].flip(-1), boxes[..., 2:]), dim=-1)
-    return _sine(yxwh, num_feats, temperature).flatten(-2)
+    return _sine(yxwh, num_feats, temperature, divisors).flatten(-2)

@@ -42,13 +42,27 @@ class UGSBoxLoss(nn.Module):
         self.register_buffer("interm_grid", interm_grid.detach().clone(), persistent=False)
 
     def forward(self, matched: MatchedPairs) -> dict[str, Tensor]:
-        grid = self.interm_grid if matched.suffix == "_interm" else self.grid
-        logits = matched.gather("pred_box_logits")  # (N, 4, n+1)
-        ref_logit = matched.gather("ref_boxes_logit")  # (N, 4), detached
-        y = inverse_sigmoid(matched.target_boxes_cxcywh.to(ref_logit.dtype)) - ref_logit  # (N, 4)
-        ce = ugs.ce_loss(logits, y, grid).mean(-1)  # (N,)
-        um = ugs.um_loss(logits).mean(-1)  # (N,)
-        return {"loss_box_ce": ce.sum() / matched.num_boxes, "loss_um": um.sum() / matched.num_boxes}
+        return self.forward_sets([matched])[0]
+
+    def forward_sets(self, sets: list[MatchedPairs]) -> list[dict[str, Tensor]]:
+        """The losses of many output sets computed on all their pairs at once (per grid): the
+        criterion's batched hook. Row for row the same arithmetic as one set at a time."""
+        out: list[dict[str, Tensor] | None] = [None] * len(sets)
+        for grid, members in ((self.grid, [i for i, m in enumerate(sets) if m.suffix != "_interm"]),
+                              (self.interm_grid, [i for i, m in enumerate(sets) if m.suffix == "_interm"])):
+            if not members:
+                continue
+            group = [sets[i] for i in members]
+            logits = torch.cat([m.gather("pred_box_logits") for m in group])  # (N, 4, n+1)
+            ref_logit = torch.cat([m.gather("ref_boxes_logit") for m in group])  # (N, 4), detached
+            target = torch.cat([m.target_boxes_cxcywh for m in group])
+            y = inverse_sigmoid(target.to(ref_logit.dtype)) - ref_logit  # (N, 4)
+            per_pair = torch.stack([ugs.ce_loss(logits, y, grid), ugs.um_loss(logits)], -1).mean(1)  # (N, 2)
+            sums = per_pair.split([m.batch_idx.numel() for m in group])
+            for i, m, pair_sum in zip(members, group, sums):
+                ce, um = (pair_sum.sum(0) / m.num_boxes).unbind()
+                out[i] = {"loss_box_ce": ce, "loss_um": um}
+        return out  # type: ignore[return-value]
 
 
 def _set_on(suffix: str, aux_layers: bool, interm: bool, dn: bool) -> bool:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from models.position_encoding import _sine, box_sine_embedding
+from models.position_encoding import _sine, box_sine_embedding, sine_divisors
 from models.self_attention import SelfAttention
 
 
@@ -69,5 +69,8 @@ def test_box_sine_embedding_equals_per_coordinate_formula():
     actual = box_sine_embedding(boxes, 32)
     assert actual.shape == (3, 17, 128)
     assert torch.equal(actual, expected)
+    # the decoder computes the divisors once per forward: same result
+    divisors = sine_divisors(32, 10000.0, boxes.dtype, boxes.device)
+    assert torch.equal(box_sine_embedding(boxes, 32, divisors=divisors), expected)
     # half precision in, float32 out (as before)
     assert box_sine_embedding(boxes.to(torch.bfloat16), 32).dtype == torch.float32

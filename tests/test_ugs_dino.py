@@ -319,6 +319,46 @@ def test_box_loss_term_against_hand_computation():
     assert torch.allclose(out["loss_um"], ugs.um_loss(logits[0, 0]).mean() / 2, atol=1e-6)
 
 
+def test_box_loss_on_many_sets_at_once_equals_one_set_at_a_time():
+    """The criterion's batched hook (UGSBoxLoss.forward_sets): every set's loss_box_ce and loss_um
+    as computed alone (float64), each with its own normaliser and the encoder set on its own grid;
+    an empty set gives zeros."""
+    from models.criterion import MatchedPairs
+
+    gen = torch.Generator().manual_seed(6)
+    term = UGSBoxLoss(ugs.make_grid(4.0, 1.0, 8, dtype=torch.float64),
+                      ugs.make_grid(8.0, 1.0, 8, dtype=torch.float64))
+    sets = []
+    for suffix, n, num_boxes in (("", 3, 3.0), ("_0", 2, 3.0), ("_interm", 3, 3.0), ("_dn", 0, 6.0),
+                                 ("_dn_0", 4, 6.0)):
+        logits = torch.randn(2, 5, 4, 9, dtype=torch.float64, generator=gen, requires_grad=True)
+        ref = torch.randn(2, 5, 4, dtype=torch.float64, generator=gen)
+        b = torch.randint(0, 2, (n,), generator=gen)
+        q = torch.randperm(5, generator=gen)[:n]
+        target = torch.rand(n, 4, dtype=torch.float64, generator=gen) * 0.8 + 0.1
+        sets.append(MatchedPairs({"pred_box_logits": logits, "ref_boxes_logit": ref}, [], b, q, target, target,
+                                 num_boxes, suffix))
+    together = term.forward_sets(sets)
+    assert len(together) == len(sets)
+    for matched, batched in zip(sets, together):
+        alone = term(matched) if matched.suffix else term.forward_sets([matched])[0]
+        for key in ("loss_box_ce", "loss_um"):
+            torch.testing.assert_close(batched[key], alone[key], rtol=1e-12, atol=1e-15)
+        if matched.batch_idx.numel() == 0:
+            assert batched["loss_box_ce"].item() == 0 and batched["loss_um"].item() == 0
+    # and by hand for one set, so the two paths cannot share a mistake
+    m = sets[2]
+    grid = term.interm_grid
+    y = inverse_sigmoid(m.target_boxes_cxcywh) - m.outputs["ref_boxes_logit"][m.batch_idx, m.query_idx]
+    logits = m.outputs["pred_box_logits"][m.batch_idx, m.query_idx]
+    expected = ugs.ce_loss(logits, y, grid).mean(-1).sum() / m.num_boxes
+    torch.testing.assert_close(together[2]["loss_box_ce"], expected, rtol=1e-12, atol=0)
+    # gradients reach every set's logits
+    total = sum(v for out in together for v in out.values())
+    grads = torch.autograd.grad(total, [m.outputs["pred_box_logits"] for m in sets], allow_unused=True)
+    assert all(g is not None and (g.abs().sum() > 0) == (m.batch_idx.numel() > 0) for g, m in zip(grads, sets))
+
+
 @pytest.mark.slow
 def test_postprocess_returns_uncertainty():
     _, model, _, post = _build(["ugs.ablation=ce_in"])
