@@ -44,6 +44,11 @@ class ModelConfig:
     # Activation checkpointing of the encoder layers (training only): less memory, ~1 extra
     # encoder forward per step.
     use_checkpoint: bool = False
+    # torch.compile each decoder layer (dynamic shapes; first steps compile, ~30 s on a CPU). On a
+    # GPU the decoder's 900-query kernels are launch-bound and compiling fuses its element-wise
+    # operators; UGS's UR pass runs the decoder twice more (gradient pass, second pass), so it
+    # gains most. Off by default: eager is the reference and compiling costs start-up time.
+    compile_decoder_layers: bool = False
 
     # --- classes and contrastive denoising ------------------------------------------------------
     num_classes: int = 91

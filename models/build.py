@@ -26,6 +26,8 @@ def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO: 
     encoder = Encoder([EncoderLayer(*layer_args, m.enc_n_points) for _ in range(m.enc_layers)],
                       use_checkpoint=m.use_checkpoint)
     decoder = Decoder([DecoderLayer(*layer_args, m.dec_n_points) for _ in range(m.dec_layers)], m.hidden_dim)
+    if m.compile_decoder_layers:
+        decoder.compile_layers()
     return model_cls(backbone, input_proj, encoder, decoder, hidden_dim=m.hidden_dim,
                      num_classes=m.num_classes, num_queries=m.num_queries,
                      num_feature_levels=m.num_feature_levels, dn_number=m.dn_number,

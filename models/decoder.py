@@ -106,6 +106,18 @@ class Decoder(nn.Module):
         self.bbox_embed: nn.ModuleList | None = None
         self.class_embed: nn.ModuleList | None = None
 
+    def compile_layers(self) -> None:
+        """torch.compile every layer in place (`model.compile_decoder_layers`; parameter names
+        unchanged). Dynamic shapes: the query count (denoising groups) and the memory length
+        (image size) change from batch to batch."""
+        import torch._functorch.config as functorch_config
+
+        # UGS's UR pass differentiates through the decoder (retain_graph=True) before the step's
+        # backward runs through it again; donated buffers would forbid that second backward.
+        functorch_config.donated_buffer = False
+        for layer in self.layers:
+            layer.compile(dynamic=True)
+
     def project_memory(self, memory: Tensor, memory_padding_mask: Tensor) -> list[Tensor]:
         """Each layer's projected memory (B, S, d), as its cross-attention would compute it."""
         return [layer.cross_attn.project_value(memory, memory_padding_mask) for layer in self.layers]

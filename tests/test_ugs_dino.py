@@ -319,6 +319,43 @@ def test_box_loss_term_against_hand_computation():
     assert torch.allclose(out["loss_um"], ugs.um_loss(logits[0, 0]).mean() / 2, atol=1e-6)
 
 
+@pytest.mark.slow
+def test_compiled_decoder_layers_give_the_eager_step():
+    """model.compile_decoder_layers=true (torch.compile per decoder layer, dynamic shapes): a full
+    UGS training step -- denoising queries with their attention mask, the UR gradient pass and
+    second pass, both decoder passes' backward -- gives the eager loss and every parameter
+    gradient (float64); parameter names are unchanged."""
+    _, eager, criterion, _ = _build(["ugs.ablation=full"])
+    _, compiled, _, _ = _build(["ugs.ablation=full", "model.compile_decoder_layers=true"])
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    assert all(layer._compiled_call_impl is not None for layer in compiled.transformer.decoder.layers)
+    assert all(layer._compiled_call_impl is None for layer in eager.transformer.decoder.layers)
+    with torch.no_grad():
+        eager.bbox_embed[0].layers[-1].weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(4))
+    eager.double()
+    compiled.double().load_state_dict(eager.state_dict())
+    images, masks, targets = _batch()
+    images = images.double()
+    targets = [{k: v.double() if v.is_floating_point() else v for k, v in t.items()} for t in targets]
+    criterion.train()
+    results = []
+    for model in (eager, compiled):
+        model.train()
+        torch.manual_seed(5)  # same denoising queries
+        losses = criterion(model(images, masks, targets), targets)
+        assert criterion.ur_passes > 0 and losses["loss_ur"].item() > 0
+        total = sum(losses[k] * w for k, w in criterion.weight_dict.items())
+        total.backward()
+        results.append((total.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss_e, grads_e), (loss_c, grads_c) = results
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-10, atol=0)
+    assert grads_c.keys() == grads_e.keys()
+    decoder_grads = [n for n in grads_e if n.startswith("transformer.decoder.layers.") and grads_e[n].abs().max() > 0]
+    assert len(decoder_grads) > 20
+    for name in grads_e:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-7, atol=1e-10, msg=name)
+
+
 def test_box_loss_on_many_sets_at_once_equals_one_set_at_a_time():
     """The criterion's batched hook (UGSBoxLoss.forward_sets): every set's loss_box_ce and loss_um
     as computed alone (float64), each with its own normaliser and the encoder set on its own grid;

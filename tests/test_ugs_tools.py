@@ -177,3 +177,24 @@ def test_detrended_oscillation_ignores_a_steady_trend():
     smooth, noisy = gradvar.series_stats(trend), gradvar.series_stats(wiggly)
     assert smooth["cv"] > 0.5 and smooth["detrended_osc"] < 0.02
     assert noisy["detrended_osc"] > 10 * smooth["detrended_osc"]
+
+
+def test_count_ops_counts_every_phase_and_the_ur_pass():
+    """tools/count_ops.py: forward, criterion and backward are all counted (the backward through
+    autograd's engine too), views are told apart, UR on dispatches more than UR off, which
+    dispatches more than DINO."""
+    from tools import count_ops
+
+    counts = {key: count_ops.count_step("dino_tiny", TINY, override, (32, 48), boxes=3, steps=1)
+              for key, _label, override in count_ops.UGS_VARIANTS[:3]}
+    for c in counts.values():
+        for phase in ("forward", "criterion", "backward"):
+            assert c[phase]["kernels"] > 50 and c[phase]["views"] > 0
+        assert c["step"]["total"] == sum(c[p]["total"] for p in ("forward", "criterion", "backward"))
+        assert c["step"]["syncs"] > 0 and ("addmm" in c["top_ops"] or "mm" in c["top_ops"])
+    assert counts["dino"]["step"]["kernels"] < counts["ugs_ur_off"]["step"]["kernels"] \
+        < counts["ugs_ur_on"]["step"]["kernels"]
+    # the UR pass is a decoder forward in the criterion and its backward
+    assert counts["ugs_ur_on"]["criterion"]["kernels"] > counts["ugs_ur_off"]["criterion"]["kernels"] + 50
+    table = count_ops.table(counts, {k: label for k, label, _o in count_ops.UGS_VARIANTS})
+    assert table.count("\n| ") == 4 and "UGS, UR on (full)" in table

@@ -233,6 +233,17 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
     return result
 
 
+def comparison_settings(args: argparse.Namespace, cpu: bool = False) -> list[tuple]:
+    """(result-key suffix, bf16, extra overrides, variants, title) of each DINO vs UGS comparison."""
+    settings = [("", False, [], UGS_VARIANTS, "fp32")]
+    if args.compile_decoder:
+        settings.append(("_compiled", False, ["model.compile_decoder_layers=true"], UGS_VARIANTS[:3],
+                         "fp32, decoder layers compiled"))
+    if args.ugs_bf16 and not cpu:
+        settings.append(("_bf16", True, [], UGS_VARIANTS, "bf16 autocast"))
+    return settings
+
+
 def profile_variants(config: str, overrides: list[str], device: torch.device, batch_size: int, h: int, w: int,
                      boxes: int, max_box: float = 0.03, variants: tuple = UGS_VARIANTS, top: int = 20,
                      warmup: int = 2) -> tuple[dict, str]:
@@ -397,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-ugs-size", type=int, default=128, help="CPU: square input side (dino_tiny)")
     parser.add_argument("--ugs-bf16", action="store_true",
                         help="GPU: also run the DINO vs UGS-DINO comparison under bfloat16 autocast")
+    parser.add_argument("--compile-decoder", action="store_true",
+                        help="also run the DINO vs UGS-DINO comparison (fp32; DINO, UR off, UR on) with "
+                             "model.compile_decoder_layers=true (the first steps compile)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
                              "top ops and, on a GPU, how busy the device is during the step")
@@ -410,14 +424,14 @@ def main(argv: list[str] | None = None) -> int:
             results["cuda"] = gpu_benchmarks(args)
             tables.append(dino_tables(results["cuda"]))
         if not args.skip_ugs:
-            for bf16 in (False, True) if args.ugs_bf16 else (False,):
-                ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800,
-                                         1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16)
+            for key, bf16, extra, variants, title in comparison_settings(args):
+                ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"] + extra, device, 2,
+                                         800, 1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16,
+                                         variants=variants)
                 ugs_gpu["setup"]["gpu"] = torch.cuda.get_device_name(device)
-                results["ugs_cuda_bf16" if bf16 else "ugs_cuda"] = ugs_gpu
-                precision = "bf16 autocast" if bf16 else "fp32"
+                results[f"ugs_cuda{key}"] = ugs_gpu
                 tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, "
-                                                 f"{precision})"))
+                                                 f"{title})"))
                 print(tables[-1], flush=True)
             if args.profile:
                 results["ugs_cuda_profile"], text = profile_variants(
@@ -429,11 +443,12 @@ def main(argv: list[str] | None = None) -> int:
         results["cpu"] = cpu_forward(args.cpu_iters)
     if not args.skip_ugs and not args.gpu_only:
         n = args.cpu_ugs_size
-        ugs_cpu = ugs_comparison("dino_tiny", [], torch.device("cpu"), 2, n, n, 10, args.cpu_ugs_iters,
-                                 args.cpu_ugs_warmup, max_box=0.1)
-        results["ugs_cpu"] = ugs_cpu
-        tables.append(ugs_table(ugs_cpu, "DINO vs UGS-DINO training step (CPU, tiny config)"))
-        print(tables[-1], flush=True)
+        for key, _bf16, extra, variants, title in comparison_settings(args, cpu=True):
+            ugs_cpu = ugs_comparison("dino_tiny", extra, torch.device("cpu"), 2, n, n, 10, args.cpu_ugs_iters,
+                                     args.cpu_ugs_warmup, max_box=0.1, variants=variants)
+            results[f"ugs_cpu{key}"] = ugs_cpu
+            tables.append(ugs_table(ugs_cpu, f"DINO vs UGS-DINO training step (CPU, tiny config, {title})"))
+            print(tables[-1], flush=True)
         if args.profile:
             results["ugs_cpu_profile"], text = profile_variants("dino_tiny", [], torch.device("cpu"), 2, n, n, 10,
                                                                 max_box=0.1, warmup=1)

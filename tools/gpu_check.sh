@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # One-shot GPU check for the MSDA CUDA kernels, run from the repository root on the lent GPU machine:
 #   build the extension for sm_90 (timed), a numerical self-check (no pytest needed), the CUDA and op
-#   tests, the op benchmark (ours / plain PyTorch / original op, then deformops Triton + CUDA) and,
-#   if present, tools/benchmark_model.py. Every step is guarded (a failure never stops the rest) and
+#   tests, tools/benchmark_model.py (DINO vs UGS-DINO steps), then the op benchmark (ours / plain
+#   PyTorch / original op, then deformops Triton + CUDA). Every step is guarded (a failure never stops the rest) and
 #   time-boxed; the whole run stays within GPU_CHECK_BUDGET seconds (default 400).
 # Results go to $OUT (default ./gpu_check_out): logs, benchmarks.md (sections to merge into
 # docs/benchmarks.md), JSON rows, and the compiler log if the build fails. GPU_CHECK_SKIP="bench_ops pytest"
@@ -113,20 +113,21 @@ else
     | tee -a "$OUT/steps.txt"
 fi
 
-# 4. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
+# 4. DINO vs UGS-DINO training steps (UR cost; eager, decoder layers compiled, bf16) and one profiled
+#    step of each: first among the benchmarks, it is what issue 5 still needs measured
+if [ -f tools/benchmark_model.py ]; then
+  step bench_model 260 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --compile-decoder --ugs-bf16 --profile
+fi
+
+# 5. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md
 step bench_ops 150 "$PY" tools/benchmark_ops.py --device cuda \
   --impls ours,ours-fwd-query-b1,ours-fwd-head-b2,pytorch,original \
   --msda-original .gpu_carry/msda_original --write-docs --docs-path "$OUT/benchmarks.md" \
   --partial "$OUT/bench_ops_partial.md" --json "$OUT/bench_ops.json"
 
-# 5. deformops (Triton, CUDA), with ours again in the same process for a same-run comparison
+# 6. deformops (Triton, CUDA), with ours again in the same process for a same-run comparison
 step bench_deformops 170 "$PY" tools/benchmark_ops.py --device cuda --impls ours,deformops-triton,deformops-cuda \
   --deformops-wheel .gpu_carry/deformops/deformops-3.0.1-py3-none-any.whl --write-docs \
   --docs-path "$OUT/benchmarks.md" --partial "$OUT/bench_deformops_partial.md" --json "$OUT/bench_deformops.json"
-
-# 6. DINO vs UGS-DINO training steps (UR cost) and one profiled step of each
-if [ -f tools/benchmark_model.py ]; then
-  step bench_model 200 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --ugs-bf16 --profile
-fi
 
 echo "== total $(( $(date +%s) - START )) s"; cat "$OUT/steps.txt"
