@@ -332,7 +332,8 @@ class SetCriterion(nn.Module):
                             num_boxes=num_boxes, suffix=suffix)
 
     def set_losses(self, matched: MatchedPairs, targets: list[dict], log: bool = False) -> dict[str, Tensor]:
-        """Every named loss of one output set (unsuffixed keys)."""
+        """Every named loss of one output set (unsuffixed keys), but those of box-loss terms with
+        `forward_sets`, which `forward` computes for all sets at once."""
         out: dict[str, Tensor] = {}
         for kind in self.losses:
             if kind == "labels":
