@@ -114,7 +114,8 @@ class Decoder(nn.Module):
 
         # UGS's UR pass differentiates through the decoder (retain_graph=True) before the step's
         # backward runs through it again; donated buffers would forbid that second backward.
-        functorch_config.donated_buffer = False
+        if hasattr(functorch_config, "donated_buffer"):  # torch >= 2.6
+            functorch_config.donated_buffer = False
         for layer in self.layers:
             layer.compile(dynamic=True)
 

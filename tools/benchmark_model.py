@@ -425,9 +425,15 @@ def main(argv: list[str] | None = None) -> int:
             tables.append(dino_tables(results["cuda"]))
         if not args.skip_ugs:
             for key, bf16, extra, variants, title in comparison_settings(args):
-                ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"] + extra, device, 2,
-                                         800, 1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16,
-                                         variants=variants)
+                try:  # one failing setting (e.g. compiling on an unusual torch) must not lose the others
+                    ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"] + extra, device,
+                                             2, 800, 1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16,
+                                             variants=variants)
+                except Exception as exc:  # noqa: BLE001 - reported, recorded in the JSON, and the run goes on
+                    print(f"DINO vs UGS-DINO ({title}) failed: {type(exc).__name__}: {exc}", flush=True)
+                    results[f"ugs_cuda{key}"] = {"error": f"{type(exc).__name__}: {exc}"}
+                    torch.cuda.empty_cache()
+                    continue
                 ugs_gpu["setup"]["gpu"] = torch.cuda.get_device_name(device)
                 results[f"ugs_cuda{key}"] = ugs_gpu
                 tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, "
