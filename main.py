@@ -36,6 +36,7 @@ from util.checkpoint import capture_rng_state, restore_rng_state
 from util.distributed import seed_everything
 from util.engine import NonFiniteLossError, TrainSettings, TrainState, evaluate, train_one_epoch
 from util.logging import RunLogger, setup_console_logging, write_json_atomic
+from util.precision import set_tf32
 
 log = logging.getLogger("main")
 
@@ -246,6 +247,7 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
     log.info("torch CPU threads: %d", torch.get_num_threads())
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+    set_tf32(cfg.runtime.tf32)
     seed_everything(cfg.runtime.seed, accelerator.process_index)
 
     if build_model_fn is None:

@@ -122,6 +122,11 @@ class RuntimeConfig:
     num_threads: int = 0
     # Use deterministic algorithms (exact resume checks; slower on GPU).
     deterministic: bool = False
+    # TF32 tensor-core arithmetic for float32 matrix products and convolutions on Ampere and newer
+    # GPUs: None keeps PyTorch's defaults (since 1.12: products full fp32, convolutions TF32);
+    # true turns both on (PyTorch 1.7-1.11, e.g. the official DINO's 1.9, had both on), false off.
+    # fp32 matrix products are about half of a DINO-5scale training step's GPU time without it.
+    tf32: bool | None = None
     # DistributedDataParallel(find_unused_parameters=...): needed when some parameters get no
     # gradient in a step (official default False).
     find_unused_parameters: bool = False

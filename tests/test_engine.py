@@ -453,3 +453,21 @@ def test_real_demo_model_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert ckpt["epoch"] == 2 and ckpt["config"]["name"] == "demo_synthetic"
     assert "backbone.0.body.layer2.0.conv1.weight" in ckpt["model"]  # official key layout
 
+
+
+def test_tf32_switch_sets_both_flags_and_none_keeps_pytorchs(caplog) -> None:
+    from configs import load_config
+    from util.precision import set_tf32
+
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        assert load_config("dino_tiny", []).runtime.tf32 is None
+        assert load_config("dino_tiny", ["runtime.tf32=true"]).runtime.tf32 is True
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+        with caplog.at_level(logging.INFO):
+            assert set_tf32(None) == (False, True)  # untouched
+        assert "PyTorch defaults" in caplog.text
+        assert set_tf32(True) == (True, True)
+        assert set_tf32(False) == (False, False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

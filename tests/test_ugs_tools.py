@@ -198,3 +198,38 @@ def test_count_ops_counts_every_phase_and_the_ur_pass():
     assert counts["ugs_ur_on"]["criterion"]["kernels"] > counts["ugs_ur_off"]["criterion"]["kernels"] + 50
     table = count_ops.table(counts, {k: label for k, label, _o in count_ops.UGS_VARIANTS})
     assert table.count("\n| ") == 4 and "UGS, UR on (full)" in table
+
+
+def test_benchmark_gpu_comparison_loop_survives_a_failing_setting(monkeypatch, capsys):
+    """The GPU branch of benchmark_model.main, with the comparison itself faked (no GPU here): every
+    setting asked for runs in order, one that raises is recorded and the rest still run, TF32 is on
+    only inside its own setting and restored afterwards."""
+    from tools import benchmark_model
+
+    calls = []
+
+    def fake_comparison(config, overrides, device, *args, bf16=False, variants=(), **kwargs):
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        calls.append((tuple(overrides), bf16, len(variants), tf32))
+        if "model.compile_decoder_layers=true" in overrides:
+            raise RuntimeError("compiler exploded")
+        keys = [k for k, _l, _o in variants]
+        return {"setup": {"config": config, "overrides": overrides, "batch": 2, "h": 8, "w": 8, "boxes_per_image": 1,
+                          "iters": 1, "warmup": 0, "device": "cuda", "msda_backend": "x"},
+                **{k: {"step_ms": 1.0, "step_ms_min": 1.0, "peak_mem_gib": 1.0} for k in keys},
+                **{f"{k}_{r}_ratio": 1.0 for k in keys[1:] for r in ("time", "min_time", "mem")}}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "FakeGPU")
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(benchmark_model, "ugs_comparison", fake_comparison)
+    before = torch.backends.cuda.matmul.allow_tf32
+    rc = benchmark_model.main(["--skip-dino", "--gpu-only", "--compile-decoder", "--ugs-bf16", "--tf32"])
+    out = capsys.readouterr().out
+    assert rc == 0 and torch.backends.cuda.matmul.allow_tf32 == before
+    assert [(c[1], c[2], c[3]) for c in calls] == [(False, 4, before), (False, 3, before), (True, 4, before),
+                                                  (False, 3, True)]
+    assert "compiler exploded" in out and "TF32" in out and "bf16 autocast" in out
+    results = json.loads(out.strip().splitlines()[-1])
+    assert results["ugs_cuda_compiled"] == {"error": "RuntimeError: compiler exploded"}
+    assert {"ugs_cuda", "ugs_cuda_bf16", "ugs_cuda_tf32"} <= set(results)

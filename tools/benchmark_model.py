@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import ops  # noqa: E402
 from configs import load_config  # noqa: E402
 from models import build_model  # noqa: E402
+from util.precision import set_tf32  # noqa: E402
 
 
 def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,
@@ -234,13 +235,16 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
 
 
 def comparison_settings(args: argparse.Namespace, cpu: bool = False) -> list[tuple]:
-    """(result-key suffix, bf16, extra overrides, variants, title) of each DINO vs UGS comparison."""
-    settings = [("", False, [], UGS_VARIANTS, "fp32")]
+    """(result-key suffix, bf16, extra overrides, variants, title, tf32) of each DINO vs UGS comparison."""
+    settings = [("", False, [], UGS_VARIANTS, "fp32", None)]
     if args.compile_decoder:
         settings.append(("_compiled", False, ["model.compile_decoder_layers=true"], UGS_VARIANTS[:3],
-                         "fp32, decoder layers compiled"))
+                         "fp32, decoder layers compiled", None))
     if args.ugs_bf16 and not cpu:
-        settings.append(("_bf16", True, [], UGS_VARIANTS, "bf16 autocast"))
+        settings.append(("_bf16", True, [], UGS_VARIANTS, "bf16 autocast", None))
+    if args.tf32 and not cpu:
+        settings.append(("_tf32", False, [], UGS_VARIANTS[:3], "fp32 with TF32 matrix products (runtime.tf32=true)",
+                         True))
     return settings
 
 
@@ -411,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile-decoder", action="store_true",
                         help="also run the DINO vs UGS-DINO comparison (fp32; DINO, UR off, UR on) with "
                              "model.compile_decoder_layers=true (the first steps compile)")
+    parser.add_argument("--tf32", action="store_true",
+                        help="GPU: also run the comparison (DINO, UR off, UR on) with TF32 matrix products and "
+                             "convolutions (runtime.tf32=true)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
                              "top ops and, on a GPU, how busy the device is during the step")
@@ -424,7 +431,9 @@ def main(argv: list[str] | None = None) -> int:
             results["cuda"] = gpu_benchmarks(args)
             tables.append(dino_tables(results["cuda"]))
         if not args.skip_ugs:
-            for key, bf16, extra, variants, title in comparison_settings(args):
+            for key, bf16, extra, variants, title, tf32 in comparison_settings(args):
+                saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+                set_tf32(tf32)
                 try:  # one failing setting (e.g. compiling on an unusual torch) must not lose the others
                     ugs_gpu = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"] + extra, device,
                                              2, 800, 1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16,
@@ -434,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                     results[f"ugs_cuda{key}"] = {"error": f"{type(exc).__name__}: {exc}"}
                     torch.cuda.empty_cache()
                     continue
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
                 ugs_gpu["setup"]["gpu"] = torch.cuda.get_device_name(device)
                 results[f"ugs_cuda{key}"] = ugs_gpu
                 tables.append(ugs_table(ugs_gpu, f"DINO vs UGS-DINO training step ({ugs_gpu['setup']['gpu']}, "
@@ -449,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
         results["cpu"] = cpu_forward(args.cpu_iters)
     if not args.skip_ugs and not args.gpu_only:
         n = args.cpu_ugs_size
-        for key, _bf16, extra, variants, title in comparison_settings(args, cpu=True):
+        for key, _bf16, extra, variants, title, _tf32 in comparison_settings(args, cpu=True):
             ugs_cpu = ugs_comparison("dino_tiny", extra, torch.device("cpu"), 2, n, n, 10, args.cpu_ugs_iters,
                                      args.cpu_ugs_warmup, max_box=0.1, variants=variants)
             results[f"ugs_cpu{key}"] = ugs_cpu

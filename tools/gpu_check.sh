@@ -113,10 +113,11 @@ else
     | tee -a "$OUT/steps.txt"
 fi
 
-# 4. DINO vs UGS-DINO training steps (UR cost; eager, decoder layers compiled, bf16) and one profiled
+# 4. DINO vs UGS-DINO training steps (UR cost; eager, decoder layers compiled, bf16, TF32) and one profiled
 #    step of each: first among the benchmarks, it is what issue 5 still needs measured
 if [ -f tools/benchmark_model.py ]; then
-  step bench_model 260 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --compile-decoder --ugs-bf16 --profile
+  step bench_model 280 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --compile-decoder --ugs-bf16 --tf32 \
+    --profile
 fi
 
 # 5. op benchmark: ours (+ kernel variants), plain PyTorch, the original op (float32) -> $OUT/benchmarks.md

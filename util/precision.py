@@ -1,0 +1,24 @@
+"""TF32 switch for float32 training on Ampere and newer GPUs (`runtime.tf32`)."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+def set_tf32(enabled: bool | None) -> tuple[bool, bool]:
+    """None: leave PyTorch's settings; True/False: allow TF32 for float32 matrix products and cuDNN
+    convolutions, or forbid it. Returns the resulting (matmul, cudnn) flags, also logged.
+
+    PyTorch 1.7-1.11 allowed both by default (the official DINO environment, 1.9, trained that way
+    on Ampere GPUs); since 1.12 only convolutions are. bf16 autocast is unaffected.
+    """
+    if enabled is not None:
+        torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+        torch.backends.cudnn.allow_tf32 = bool(enabled)
+    flags = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    log.info("TF32: float32 matrix products %s, cuDNN convolutions %s%s", "on" if flags[0] else "off",
+             "on" if flags[1] else "off", "" if enabled is not None else " (PyTorch defaults)")
+    return flags
