@@ -471,3 +471,31 @@ def test_tf32_switch_sets_both_flags_and_none_keeps_pytorchs(caplog) -> None:
         assert set_tf32(False) == (False, False)
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_weighted_loss_leaves_out_zero_weights_but_not_their_value() -> None:
+    """Same total and gradients as the official sum over every weighted key; a zero-weighted term
+    gets no backward and its NaN does not poison the total; unweighted keys are ignored."""
+    from util.engine import weighted_loss
+
+    x = torch.tensor([1.0, -2.0], requires_grad=True)
+    logged_only = (x * 3).abs().sum()
+    losses = {"loss_ce": (x ** 2).sum(), "loss_bbox": logged_only, "loss_giou": x.sum(), "class_error": x.max()}
+    weights = {"loss_ce": 2.0, "loss_bbox": 0.0, "loss_giou": 0.5}
+    total = weighted_loss(losses, weights)
+    official = sum(losses[k] * w for k, w in weights.items())
+    assert total.item() == pytest.approx(official.item())
+    (grad,) = torch.autograd.grad(total, x, retain_graph=True)
+    (grad_official,) = torch.autograd.grad(official, x, retain_graph=True)
+    torch.testing.assert_close(grad, grad_official)
+    seen = []
+    logged_only.register_hook(lambda g: seen.append(g))
+    weighted_loss(losses, weights).backward()
+    assert seen == []  # no backward through the zero-weighted term
+    nan_losses = {**losses, "loss_bbox": torch.tensor(float("nan"))}
+    assert torch.isfinite(weighted_loss(nan_losses, weights))
+    # all weights zero: a zero total that still has a graph; no weighted key at all: an error
+    zero = weighted_loss(losses, {"loss_ce": 0.0})
+    assert zero.item() == 0.0 and zero.requires_grad
+    with pytest.raises(KeyError, match="no loss"):
+        weighted_loss(losses, {"loss_other": 1.0})

@@ -38,6 +38,7 @@ import ops  # noqa: E402
 from configs import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from util.precision import set_tf32  # noqa: E402
+from util.engine import weighted_loss  # noqa: E402
 
 
 def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,
@@ -71,7 +72,7 @@ def make_step(model, criterion, optimizer, batch, device: torch.device, bf16: bo
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):  # as util/engine.py
             outputs = model(images, masks, targets)
             losses = criterion(outputs, targets)
-        total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+        total = weighted_loss(losses, criterion.weight_dict)  # as util/engine.py
         optimizer.zero_grad(set_to_none=True)
         total.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)

@@ -31,6 +31,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tools.benchmark_model import UGS_VARIANTS, _build_variant, make_batch  # noqa: E402
+from util.engine import weighted_loss  # noqa: E402
 
 VIEW_OPS = frozenset({
     "alias", "as_strided", "detach", "expand", "flatten", "narrow", "permute", "select", "slice",
@@ -74,7 +75,7 @@ def count_step(config: str, overrides: list[str], override: str, size: tuple[int
             outputs = model(images, masks, targets)
         with phases["criterion"]:
             losses = criterion(outputs, targets)
-        total = sum(losses[k] * w for k, w in criterion.weight_dict.items() if k in losses)
+        total = weighted_loss(losses, criterion.weight_dict)  # as util/engine.py
         with phases["backward"]:
             total.backward()
         model.zero_grad(set_to_none=True)

@@ -71,11 +71,17 @@ class TrainSettings:
 
 def weighted_loss(loss_dict: dict[str, torch.Tensor],
                   weight_dict: dict[str, float]) -> torch.Tensor:
-    """Total loss = sum(loss[k] * weight[k]) over the keys that have a weight (official)."""
-    terms = [loss_dict[k] * weight_dict[k] for k in loss_dict if k in weight_dict]
-    if not terms:
+    """Total loss = sum(loss[k] * weight[k]) over the keys that have a weight (official), leaving
+    out the zero weights: the same value and gradients, without a backward pass through terms that
+    are only logged (UGS keeps L1 at weight 0 on 13 output sets) and without a NaN in such a term
+    turning the total into NaN (0 * NaN)."""
+    weighted = [k for k in loss_dict if k in weight_dict]
+    if not weighted:
         raise KeyError(f"no loss in {sorted(loss_dict)} has a weight in criterion.weight_dict "
                        f"({sorted(weight_dict)})")
+    terms = [loss_dict[k] * weight_dict[k] for k in weighted if weight_dict[k] != 0]
+    if not terms:  # every weight is zero: a zero total, still attached to the graph
+        return torch.stack([loss_dict[k].reshape(()) for k in weighted]).sum() * 0.0
     return torch.stack([t.reshape(()) for t in terms]).sum()
 
 
