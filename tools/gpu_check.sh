@@ -116,7 +116,7 @@ fi
 # 4. DINO vs UGS-DINO training steps (UR cost; eager, decoder layers compiled, bf16, TF32) and one profiled
 #    step of each: first among the benchmarks, it is what issue 5 still needs measured
 if [ -f tools/benchmark_model.py ]; then
-  step bench_model 280 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --compile-decoder --ugs-bf16 --tf32 \
+  step bench_model 320 "$PY" tools/benchmark_model.py --skip-dino --gpu-only --compile-decoder --ugs-bf16 --tf32 \
     --profile
 fi
 
