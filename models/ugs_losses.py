@@ -153,9 +153,8 @@ class UGSCriterion(SetCriterion):
         would leave the second pass's kernel launches exposed on a GPU."""
         layer_suffixes = [f"_{i}" for i in range(len(outputs.get("aux_outputs") or []))] + [""]
         um_total = sum(losses[f"loss_um{s}"] for s in layer_suffixes)
-        zero = ctx.memory.sum() * 0.0  # keeps the graph connected when nothing is matched
         if not um_total.requires_grad:
-            return zero
+            return ctx.memory.sum() * 0.0  # a zero that keeps the graph connected
         # step-1 matching of each decoder layer; the box head runs on those queries only
         matched = [(self._matched[s].batch_idx, self._matched[s].query_idx) for s in layer_suffixes]
         num_boxes = self._matched[""].num_boxes
@@ -163,7 +162,7 @@ class UGSCriterion(SetCriterion):
         with record_function("ugs_ur/um_gradient"):
             (grad,) = torch.autograd.grad(um_total, ctx.memory, retain_graph=True, allow_unused=True)
         if grad is None:
-            return zero
+            return ctx.memory.sum() * 0.0
         with record_function("ugs_ur/perturbation"):
             feats = ctx.memory.split(ctx.level_sizes, dim=1)
             grads = list(grad.split(ctx.level_sizes, dim=1))
@@ -178,5 +177,6 @@ class UGSCriterion(SetCriterion):
             layer_logits = ctx.rerun_perturbed(delta, matched)  # L x (N_l, 4, n+1); delta is detached
         self.ur_passes += 1
         # sum over layers of each layer's sum = one sum over all layers' rows
-        return zero + ugs.um_loss(torch.cat(layer_logits)).mean(-1).sum() / num_boxes
+        # (no rows matched: an empty sum, 0, still attached to the box head's parameters)
+        return ugs.um_loss(torch.cat(layer_logits)).mean(-1).sum() / num_boxes
 
