@@ -222,6 +222,11 @@ def expand_weight_dict(base: dict[str, float], num_decoder_layers: int, aux_loss
     return weights
 
 
+def _takes_all_sets(term: BoxLossTerm) -> bool:
+    """A term with the batched hook `forward_sets` (module docstring), called once per forward."""
+    return hasattr(term, "forward_sets")
+
+
 def _checked(term: BoxLossTerm, values: dict[str, Tensor]) -> dict[str, Tensor]:
     if set(values) != set(term.names):
         raise ValueError(f"box-loss term {term!r} returned keys {sorted(values)}, "
@@ -314,7 +319,7 @@ class SetCriterion(nn.Module):
         """The per-set box-loss terms of one set (terms with `forward_sets` run in `forward`)."""
         out: dict[str, Tensor] = {}
         for term in self.box_losses:
-            if not hasattr(term, "forward_sets"):
+            if not _takes_all_sets(term):
                 out.update(_checked(term, term(matched)))
         return out
 
@@ -443,8 +448,7 @@ class SetCriterion(nn.Module):
                 losses.update({f"{k}{s.suffix}": v for k, v in self.set_losses(matched, targets, s.log).items()})
                 active.append(matched)
             if "boxes" in self.losses and active:
-                for term in self.box_losses:
-                    if hasattr(term, "forward_sets"):
-                        for matched, values in zip(active, term.forward_sets(active), strict=True):
-                            losses.update({f"{k}{matched.suffix}": v for k, v in _checked(term, values).items()})
+                for term in filter(_takes_all_sets, self.box_losses):
+                    for matched, values in zip(active, term.forward_sets(active), strict=True):
+                        losses.update({f"{k}{matched.suffix}": v for k, v in _checked(term, values).items()})
         return (losses, used) if return_indices else losses

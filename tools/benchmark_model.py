@@ -29,6 +29,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,8 +38,8 @@ import torch  # noqa: E402
 import ops  # noqa: E402
 from configs import load_config  # noqa: E402
 from models import build_model  # noqa: E402
-from util.precision import set_tf32  # noqa: E402
 from util.engine import weighted_loss  # noqa: E402
+from util.precision import tf32_mode  # noqa: E402
 
 
 def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,
@@ -235,41 +236,50 @@ def ugs_comparison(config: str, overrides: list[str], device: torch.device, batc
     return result
 
 
-def comparison_settings(args: argparse.Namespace, cpu: bool = False) -> list[tuple]:
-    """(result-key suffix, bf16, extra overrides, variants, title, tf32) of each DINO vs UGS comparison."""
-    settings = [("", False, [], UGS_VARIANTS, "fp32", None)]
+class Comparison(NamedTuple):
+    """One DINO vs UGS comparison setting: result-key suffix, bf16 autocast, extra config
+    overrides, the variants compared, table title, runtime.tf32 value (None: PyTorch's)."""
+
+    key: str
+    bf16: bool
+    overrides: list[str]
+    variants: tuple
+    title: str
+    tf32: bool | None = None
+
+
+def comparison_settings(args: argparse.Namespace, cpu: bool = False) -> list[Comparison]:
+    """The comparisons asked for on the command line (bf16 and TF32 on the GPU only)."""
+    settings = [Comparison("", False, [], UGS_VARIANTS, "fp32")]
     if args.compile_decoder:
-        settings.append(("_compiled", False, ["model.compile_decoder_layers=true"], UGS_VARIANTS[:3],
-                         "fp32, decoder layers compiled", None))
+        settings.append(Comparison("_compiled", False, ["model.compile_decoder_layers=true"], UGS_VARIANTS[:3],
+                                   "fp32, decoder layers compiled"))
     if args.ugs_bf16 and not cpu:
-        settings.append(("_bf16", True, [], UGS_VARIANTS, "bf16 autocast", None))
+        settings.append(Comparison("_bf16", True, [], UGS_VARIANTS, "bf16 autocast"))
     if args.tf32 and not cpu:
-        settings.append(("_tf32", False, [], UGS_VARIANTS[:3], "fp32 with TF32 matrix products (runtime.tf32=true)",
-                         True))
+        settings.append(Comparison("_tf32", False, [], UGS_VARIANTS[:3],
+                                   "fp32 with TF32 matrix products (runtime.tf32=true)", True))
     return settings
 
 
-def gpu_comparison(setting: tuple, args: argparse.Namespace, device: torch.device, results: dict,
+def gpu_comparison(setting: Comparison, args: argparse.Namespace, device: torch.device, results: dict,
                    tables: list[str]) -> None:
     """One DINO vs UGS comparison on the GPU (DINO-5scale R50, 2 x 800x1088, 60 boxes per image);
     its table is printed at once. A failure is printed and recorded, not raised: the other
     settings still run."""
-    key, bf16, extra, variants, title, tf32 = setting
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    set_tf32(tf32)
     try:
-        result = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"] + extra, device, 2, 800,
-                                1088, 60, args.ugs_iters, args.ugs_warmup, bf16=bf16, variants=variants)
+        with tf32_mode(setting.tf32):
+            result = ugs_comparison("dino_5scale_r50_coco", ["model.backbone_weights=none"] + setting.overrides,
+                                    device, 2, 800, 1088, 60, args.ugs_iters, args.ugs_warmup, bf16=setting.bf16,
+                                    variants=setting.variants)
     except Exception as exc:  # noqa: BLE001 - reported, recorded in the JSON, and the run goes on
-        print(f"DINO vs UGS-DINO ({title}) failed: {type(exc).__name__}: {exc}", flush=True)
-        results[f"ugs_cuda{key}"] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"DINO vs UGS-DINO ({setting.title}) failed: {type(exc).__name__}: {exc}", flush=True)
+        results[f"ugs_cuda{setting.key}"] = {"error": f"{type(exc).__name__}: {exc}"}
         torch.cuda.empty_cache()
         return
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
     result["setup"]["gpu"] = torch.cuda.get_device_name(device)
-    results[f"ugs_cuda{key}"] = result
-    tables.append(ugs_table(result, f"DINO vs UGS-DINO training step ({result['setup']['gpu']}, {title})"))
+    results[f"ugs_cuda{setting.key}"] = result
+    tables.append(ugs_table(result, f"DINO vs UGS-DINO training step ({result['setup']['gpu']}, {setting.title})"))
     print(tables[-1], flush=True)
 
 
@@ -458,13 +468,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_ugs:
             settings = comparison_settings(args)
             # the compiled comparison last: its first steps compile (the slowest and least certain part)
-            for setting in [st for st in settings if st[0] != "_compiled"]:
+            for setting in [st for st in settings if st.key != "_compiled"]:
                 gpu_comparison(setting, args, device, results, tables)
             if args.profile:
                 results["ugs_cuda_profile"], text = profile_variants(
                     "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60)
                 print(text, flush=True)
-            for setting in [st for st in settings if st[0] == "_compiled"]:
+            for setting in [st for st in settings if st.key == "_compiled"]:
                 gpu_comparison(setting, args, device, results, tables)
     else:
         print("no GPU benchmarks (no CUDA device or --cpu-only)", flush=True)
@@ -472,11 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         results["cpu"] = cpu_forward(args.cpu_iters)
     if not args.skip_ugs and not args.gpu_only:
         n = args.cpu_ugs_size
-        for key, _bf16, extra, variants, title, _tf32 in comparison_settings(args, cpu=True):
-            ugs_cpu = ugs_comparison("dino_tiny", extra, torch.device("cpu"), 2, n, n, 10, args.cpu_ugs_iters,
-                                     args.cpu_ugs_warmup, max_box=0.1, variants=variants)
-            results[f"ugs_cpu{key}"] = ugs_cpu
-            tables.append(ugs_table(ugs_cpu, f"DINO vs UGS-DINO training step (CPU, tiny config, {title})"))
+        for setting in comparison_settings(args, cpu=True):
+            ugs_cpu = ugs_comparison("dino_tiny", setting.overrides, torch.device("cpu"), 2, n, n, 10,
+                                     args.cpu_ugs_iters, args.cpu_ugs_warmup, max_box=0.1, variants=setting.variants)
+            results[f"ugs_cpu{setting.key}"] = ugs_cpu
+            tables.append(ugs_table(ugs_cpu, f"DINO vs UGS-DINO training step (CPU, tiny config, {setting.title})"))
             print(tables[-1], flush=True)
         if args.profile:
             results["ugs_cpu_profile"], text = profile_variants("dino_tiny", [], torch.device("cpu"), 2, n, n, 10,

@@ -74,7 +74,8 @@ def weighted_loss(loss_dict: dict[str, torch.Tensor],
     """Total loss = sum(loss[k] * weight[k]) over the keys that have a weight (official), leaving
     out the zero weights: the same value and gradients, without a backward pass through terms that
     are only logged (UGS keeps L1 at weight 0 on 13 output sets) and without a NaN in such a term
-    turning the total into NaN (0 * NaN)."""
+    turning the total into NaN (0 * NaN; the non-finite guard of `train_one_epoch` still checks
+    every logged term)."""
     weighted = [k for k in loss_dict if k in weight_dict]
     if not weighted:
         raise KeyError(f"no loss in {sorted(loss_dict)} has a weight in criterion.weight_dict "

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 
@@ -22,3 +24,15 @@ def set_tf32(enabled: bool | None) -> tuple[bool, bool]:
     log.info("TF32: float32 matrix products %s, cuDNN convolutions %s%s", "on" if flags[0] else "off",
              "on" if flags[1] else "off", "" if enabled is not None else " (PyTorch defaults)")
     return flags
+
+
+@contextmanager
+def tf32_mode(enabled: bool | None) -> Iterator[None]:
+    """`set_tf32(enabled)` inside the block, the previous flags restored after it (benchmarks that
+    compare settings in one process)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    set_tf32(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
