@@ -69,10 +69,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.matcher import HungarianMatcher, MatchIndices
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 __all__ = [
     "BoxLossTerm",
+    "DeviceIndices",
     "GIoUBoxLoss",
     "L1BoxLoss",
     "MatchedPairs",
@@ -81,6 +82,10 @@ __all__ = [
     "class_error",
     "denoising_indices",
     "expand_weight_dict",
+    "host_to_device",
+    "indices_to_device",
+    "per_set_normalisers",
+    "per_set_sums",
     "sigmoid_focal_loss",
 ]
 
@@ -99,6 +104,7 @@ class MatchedPairs:
             ``query_idx[k]`` of image ``batch_idx[k]``.
         src_boxes_cxcywh: (N, 4) ``outputs["pred_boxes"][batch_idx, query_idx]`` (keeps grad).
         target_boxes_cxcywh: (N, 4) the matched ground-truth boxes, in the predictions' dtype.
+        target_labels: (N,) their labels (the criterion always fills it; None in hand-made pairs).
         num_boxes: the normaliser (target boxes per process; times the number of denoising
             groups for denoising sets). Losses are sums over pairs divided by it.
         suffix: the set's key suffix ("", "_0", "_interm", "_dn", ...).
@@ -112,6 +118,7 @@ class MatchedPairs:
     target_boxes_cxcywh: Tensor
     num_boxes: float
     suffix: str = ""
+    target_labels: Tensor | None = None  # (N,) int64 on the outputs' device, the matched labels
 
     def gather(self, key: str) -> Tensor:
         """``outputs[key][batch_idx, query_idx]`` for any per-query tensor (B, Q, ...) -> (N, ...)."""
@@ -124,17 +131,37 @@ class MatchedPairs:
 BoxLossTerm = Callable[[MatchedPairs], dict]
 
 
+def per_set_sums(values: Tensor, sets: Sequence[MatchedPairs]) -> Tensor:
+    """(N_1 + ... + N_S, ...) rows of S sets' pairs, in set order -> (S, ...) the sum of each set's
+    rows. Split and sum, so deterministic on every device (an index_add would use atomics)."""
+    sizes = [m.batch_idx.numel() for m in sets]
+    return torch.stack([chunk.sum(0) for chunk in values.split(sizes)])
+
+
+def per_set_normalisers(sets: Sequence[MatchedPairs], like: Tensor) -> Tensor:
+    """(S,) each set's num_boxes, on `like`'s device and dtype (one non-blocking copy)."""
+    return host_to_device(torch.tensor([float(m.num_boxes) for m in sets], dtype=like.dtype), like.device)
+
+
 class L1BoxLoss(nn.Module):
     """L1 on matched cxcywh boxes (weighted) and its xy / hw split (logging only)."""
 
     names = ("loss_bbox", "loss_xy", "loss_hw")
 
     def forward(self, matched: MatchedPairs) -> dict[str, Tensor]:
-        l1 = F.l1_loss(matched.src_boxes_cxcywh, matched.target_boxes_cxcywh, reduction="none")  # (N, 4)
+        return self.forward_sets([matched])[0]
+
+    def forward_sets(self, sets: list[MatchedPairs]) -> list[dict[str, Tensor]]:
+        """All sets' pairs in one computation (the criterion's batched hook)."""
+        src = torch.cat([m.src_boxes_cxcywh for m in sets])
+        l1 = F.l1_loss(src, torch.cat([m.target_boxes_cxcywh for m in sets]).to(src.dtype), reduction="none")
+        sums = per_set_sums(l1, sets)  # (S, 4)
+        num_boxes = per_set_normalisers(sets, sums)
+        loss = sums.sum(1) / num_boxes
         with torch.no_grad():
-            xy = l1[:, :2].sum() / matched.num_boxes
-            hw = l1[:, 2:].sum() / matched.num_boxes
-        return {"loss_bbox": l1.sum() / matched.num_boxes, "loss_xy": xy, "loss_hw": hw}
+            xy = sums[:, :2].sum(1) / num_boxes
+            hw = sums[:, 2:].sum(1) / num_boxes
+        return [{"loss_bbox": loss[i], "loss_xy": xy[i], "loss_hw": hw[i]} for i in range(len(sets))]
 
 
 class GIoUBoxLoss(nn.Module):
@@ -143,10 +170,15 @@ class GIoUBoxLoss(nn.Module):
     names = ("loss_giou",)
 
     def forward(self, matched: MatchedPairs) -> dict[str, Tensor]:
-        src = box_cxcywh_to_xyxy(matched.src_boxes_cxcywh)
-        tgt = box_cxcywh_to_xyxy(matched.target_boxes_cxcywh)
-        giou = torch.diag(generalized_box_iou(src, tgt))  # (N,)
-        return {"loss_giou": (1 - giou).sum() / matched.num_boxes}
+        return self.forward_sets([matched])[0]
+
+    def forward_sets(self, sets: list[MatchedPairs]) -> list[dict[str, Tensor]]:
+        """All sets' pairs in one computation (the criterion's batched hook)."""
+        src = box_cxcywh_to_xyxy(torch.cat([m.src_boxes_cxcywh for m in sets]))
+        tgt = box_cxcywh_to_xyxy(torch.cat([m.target_boxes_cxcywh for m in sets]).to(src.dtype))
+        giou = paired_generalized_box_iou(src, tgt)  # (N,), = diag of the pairwise GIoU
+        loss = per_set_sums(1 - giou, sets) / per_set_normalisers(sets, src)
+        return [{"loss_giou": loss[i]} for i in range(len(sets))]
 
 
 def sigmoid_focal_loss(logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float = 0.25,
@@ -172,9 +204,11 @@ def class_error(matched_logits: Tensor, matched_labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def cardinality_error(logits: Tensor, targets: list[dict]) -> Tensor:
-    """Mean |#queries whose argmax is not the last class - #targets| (logging only, official)."""
-    num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+def cardinality_error(logits: Tensor, targets: list[dict], num_targets: Tensor | None = None) -> Tensor:
+    """Mean |#queries whose argmax is not the last class - #targets| (logging only, official).
+    num_targets: (B,) target counts already on the logits' device (saves a host->device copy)."""
+    if num_targets is None:
+        num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
     num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
     return F.l1_loss(num_pred.to(logits.dtype), num_targets.to(logits.dtype))
 
@@ -248,6 +282,42 @@ def _loss_dtype(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+# Per output set, on the device: (batch_idx (N,), query_idx (N,), flat target index (N,)) where
+# the flat index counts over the batch's concatenated targets.
+DeviceIndices = tuple[Tensor, Tensor, Tensor]
+
+
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """A CPU tensor on `device` without making the host wait: on CUDA through pinned memory with
+    a non-blocking copy (the pinned block is not reused before the copy has run)."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def indices_to_device(sets: Sequence[MatchIndices], targets: list[dict], device: torch.device) -> list[DeviceIndices]:
+    """All output sets' matched pairs moved to `device` in one copy.
+
+    A blocking host->device copy waits for the device (and indexing a GPU tensor with CPU indices
+    makes one); a step has ~13 sets x (2 + 2B) such index tensors. Here they are packed on the host
+    and copied once, from pinned memory without blocking on CUDA, so the criterion never waits.
+    """
+    offsets = [0]
+    for t in targets[:-1]:
+        offsets.append(offsets[-1] + len(t["labels"]))
+    packed, lengths = [], []
+    for indices in sets:
+        if len(indices) != len(targets):
+            raise ValueError(f"SetCriterion: matching has {len(indices)} images, the batch {len(targets)}")
+        rows = [torch.stack([torch.full_like(src, b), src, tgt + offsets[b]]).to("cpu", torch.int64)
+                for b, (src, tgt) in enumerate(indices)]
+        packed += rows
+        lengths.append(sum(r.shape[1] for r in rows))
+    host = torch.cat(packed, 1) if packed else torch.zeros(3, 0, dtype=torch.int64)
+    on_device = host_to_device(host, device)
+    return [(part[0], part[1], part[2]) for part in on_device.split(lengths, dim=1)]
+
+
 class SetCriterion(nn.Module):
     """DINO's losses for all output sets.
 
@@ -306,7 +376,9 @@ class SetCriterion(nn.Module):
 
     def label_loss(self, matched: MatchedPairs, targets: list[dict], log: bool) -> dict[str, Tensor]:
         logits = _loss_dtype(matched.outputs["pred_logits"])  # (B, Q, C)
-        labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matched.indices)]).to(logits.device)
+        labels = matched.target_labels
+        if labels is None:
+            labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matched.indices)]).to(logits.device)
         onehot = torch.zeros_like(logits)
         onehot[matched.batch_idx, matched.query_idx, labels] = 1
         out = {"loss_ce": sigmoid_focal_loss(logits, onehot, matched.num_boxes, self.focal_alpha,
@@ -324,21 +396,26 @@ class SetCriterion(nn.Module):
         return out
 
     def matched_pairs(self, outputs: dict, targets: list[dict], indices: MatchIndices, num_boxes: float,
-                      suffix: str = "") -> MatchedPairs:
-        """Gather the matched predictions and targets of one output set."""
+                      suffix: str = "", device_indices: DeviceIndices | None = None) -> MatchedPairs:
+        """Gather the matched predictions and targets of one output set. device_indices: the
+        set's `indices_to_device` entry when the caller moved all sets' indices at once."""
         boxes = _loss_dtype(outputs["pred_boxes"])
         device = boxes.device
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)]).to(device)
-        query_idx = torch.cat([src for src, _ in indices]).to(device)
-        target_boxes = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)])
+        if device_indices is None:
+            (device_indices,) = indices_to_device([indices], targets, device)
+        batch_idx, query_idx, target_idx = device_indices
+        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
+        target_labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
         return MatchedPairs(outputs=outputs, indices=indices, batch_idx=batch_idx, query_idx=query_idx,
                             src_boxes_cxcywh=boxes[batch_idx, query_idx],
-                            target_boxes_cxcywh=target_boxes.to(device=device, dtype=boxes.dtype),
-                            num_boxes=num_boxes, suffix=suffix)
+                            target_boxes_cxcywh=target_boxes.to(dtype=boxes.dtype),
+                            num_boxes=num_boxes, suffix=suffix, target_labels=target_labels)
 
-    def set_losses(self, matched: MatchedPairs, targets: list[dict], log: bool = False) -> dict[str, Tensor]:
+    def set_losses(self, matched: MatchedPairs, targets: list[dict], log: bool = False,
+                   num_targets: Tensor | None = None) -> dict[str, Tensor]:
         """Every named loss of one output set (unsuffixed keys), but those of box-loss terms with
-        `forward_sets`, which `forward` computes for all sets at once."""
+        `forward_sets`, which `forward` computes for all sets at once. num_targets: (B,) on the
+        device, for cardinality_error."""
         out: dict[str, Tensor] = {}
         for kind in self.losses:
             if kind == "labels":
@@ -346,18 +423,20 @@ class SetCriterion(nn.Module):
             elif kind == "boxes":
                 out.update(self.box_loss(matched))
             else:
-                out["cardinality_error"] = cardinality_error(_loss_dtype(matched.outputs["pred_logits"]), targets)
+                out["cardinality_error"] = cardinality_error(_loss_dtype(matched.outputs["pred_logits"]), targets,
+                                                             num_targets)
         return out
 
     # ----------------------------------------------------------------------------- driver
     def num_boxes(self, targets: list[dict], device: torch.device) -> float:
-        """Target boxes per process: summed over processes / world size, at least 1 (official)."""
-        num = torch.as_tensor([float(sum(len(t["labels"]) for t in targets))], dtype=torch.float, device=device)
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num)
-            world_size = dist.get_world_size()
-        return torch.clamp(num / world_size, min=1).item()
+        """Target boxes per process: summed over processes / world size, at least 1 (official).
+        One process: host arithmetic only (the official float32 rounding kept), no device copy."""
+        local = float(sum(len(t["labels"]) for t in targets))
+        if not (dist.is_available() and dist.is_initialized()):
+            return max(local, 1.0)  # integer counts: exact in float32 as in the official tensor
+        num = torch.as_tensor([local], dtype=torch.float, device=device)
+        dist.all_reduce(num)
+        return torch.clamp(num / dist.get_world_size(), min=1).item()
 
     def output_sets(self, outputs: dict, targets: list[dict]) -> Iterator[_OutputSet]:
         """Final, auxiliary, encoder and denoising sets, each with its key suffix."""
@@ -428,24 +507,42 @@ class SetCriterion(nn.Module):
         num_boxes = self.num_boxes(targets, logits.device)
         losses: dict[str, Tensor] = {}
         used: dict[str, MatchIndices] = {}
+        sets = list(self.output_sets(outputs, targets))
+        live = [s for s in sets if s.outputs is not None]
+        # Matching first, all sets in one matcher call (one device->host copy), then all sets'
+        # pairs to the device in one copy: the loss computation below never waits for the device.
+        for s in live:
+            if s.indices is None and indices is not None:
+                if s.suffix not in indices:
+                    raise KeyError(f"SetCriterion: indices given for {sorted(indices)} but not for "
+                                   f"output set '{s.suffix}'")
+                s.indices = indices[s.suffix]
+        to_match = [s for s in live if s.indices is None]
+        if hasattr(self.matcher, "forward_sets"):
+            found = self.matcher.forward_sets([s.outputs for s in to_match], targets)
+        else:  # any matcher with HungarianMatcher.forward's signature
+            found = [self.matcher(s.outputs, targets) for s in to_match]
+        for s, idx in zip(to_match, found, strict=True):
+            s.indices = idx
+        num_targets = None
+        if "cardinality" in self.losses:
+            num_targets = torch.tensor([len(t["labels"]) for t in targets])
+        on_device = indices_to_device([s.indices for s in live], targets, logits.device)
+        if num_targets is not None:
+            num_targets = host_to_device(num_targets, logits.device)
         active: list[MatchedPairs] = []
         with torch.autocast(device_type=logits.device.type, enabled=False):
-            for s in self.output_sets(outputs, targets):
+            pairs = iter(on_device)
+            for s in sets:
                 if s.outputs is None:
                     zero = torch.zeros((), dtype=_loss_dtype(logits).dtype, device=logits.device)
                     losses.update({f"{k}{s.suffix}": zero.clone() for k in self.loss_names(s.log)})
                     continue
-                idx = s.indices
-                if idx is None and indices is not None:
-                    if s.suffix not in indices:
-                        raise KeyError(f"SetCriterion: indices given for {sorted(indices)} but not for "
-                                       f"output set '{s.suffix}'")
-                    idx = indices[s.suffix]
-                if idx is None:
-                    idx = self.matcher(s.outputs, targets)
-                used[s.suffix] = idx
-                matched = self.matched_pairs(s.outputs, targets, idx, num_boxes * s.num_boxes_scale, s.suffix)
-                losses.update({f"{k}{s.suffix}": v for k, v in self.set_losses(matched, targets, s.log).items()})
+                used[s.suffix] = s.indices
+                matched = self.matched_pairs(s.outputs, targets, s.indices, num_boxes * s.num_boxes_scale,
+                                             s.suffix, next(pairs))
+                losses.update({f"{k}{s.suffix}": v
+                               for k, v in self.set_losses(matched, targets, s.log, num_targets).items()})
                 active.append(matched)
             if "boxes" in self.losses and active:
                 for term in filter(_takes_all_sets, self.box_losses):

@@ -10,6 +10,9 @@ never matched.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
@@ -45,9 +48,11 @@ def bbox_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor) -> Tensor:
     return torch.cdist(pred_boxes_cxcywh, tgt_boxes_cxcywh, p=1)
 
 
-def giou_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor) -> Tensor:
-    """Negative pairwise GIoU: (N, 4), (M, 4) -> (N, M)."""
-    return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes_cxcywh), box_cxcywh_to_xyxy(tgt_boxes_cxcywh))
+def giou_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor, check: bool = True) -> Tensor:
+    """Negative pairwise GIoU: (N, 4), (M, 4) -> (N, M). check=False: the caller has validated the
+    boxes (w, h >= 0, finite), which spares two device syncs."""
+    return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes_cxcywh), box_cxcywh_to_xyxy(tgt_boxes_cxcywh),
+                                check=check)
 
 
 def assign(cost: Tensor, image_index: int = 0) -> tuple[Tensor, Tensor]:
@@ -62,8 +67,9 @@ def assign(cost: Tensor, image_index: int = 0) -> tuple[Tensor, Tensor]:
     if cost.shape[1] == 0 or cost.shape[0] == 0:
         empty = torch.zeros(0, dtype=torch.int64)
         return empty, empty.clone()
-    finite = torch.isfinite(cost)
-    if not bool(finite.all()):
+    cost_np = cost.numpy()
+    if not np.isfinite(cost_np).all():  # numpy: a host check, not a dispatched tensor op
+        finite = torch.isfinite(cost)
         bad = torch.nonzero(~finite)
         q, t = (int(v) for v in bad[0])
         raise ValueError(
@@ -71,7 +77,7 @@ def assign(cost: Tensor, image_index: int = 0) -> tuple[Tensor, Tensor]:
             f"(first at query {q}, target {t}: {cost[q, t].item()}); check the predictions "
             f"(pred_logits / pred_boxes) and the targets of this image for NaN/inf"
         )
-    pred_idx, tgt_idx = linear_sum_assignment(cost.numpy())
+    pred_idx, tgt_idx = linear_sum_assignment(cost_np)
     return torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)
 
 
@@ -80,28 +86,36 @@ def _at_least_float32(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-def _check_match_inputs(logits: Tensor, boxes: Tensor, targets: list[dict]) -> None:
-    """Errors that name the image, instead of an opaque failure deep inside the cost terms."""
+def _check_shapes(logits: Tensor, boxes: Tensor, targets: list[dict]) -> None:
+    """Shape errors that name the tensor or image (host-side metadata only, no device sync)."""
     if logits.ndim != 3 or boxes.ndim != 3 or boxes.shape[-1] != 4 or boxes.shape[:2] != logits.shape[:2]:
         raise ValueError(f"HungarianMatcher: expected pred_logits (B, Q, C) and pred_boxes (B, Q, 4), got "
                          f"{tuple(logits.shape)} and {tuple(boxes.shape)}")
-    finite = torch.isfinite(logits).all(dim=(1, 2)) & torch.isfinite(boxes).all(dim=(1, 2))
-    if not bool(finite.all()):
-        bad = torch.nonzero(~finite).flatten().tolist()
-        raise ValueError(f"HungarianMatcher: non-finite pred_logits or pred_boxes in image(s) {bad}")
+    if len(targets) != logits.shape[0]:
+        raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]} predictions")
     for b, t in enumerate(targets):
         tb, tl = t["boxes"], t["labels"]
         if tb.ndim != 2 or tb.shape[-1] != 4 or tl.shape != tb.shape[:1]:
             raise ValueError(f"HungarianMatcher: target {b} needs boxes (n, 4) and labels (n,), got "
                              f"{tuple(tb.shape)} and {tuple(tl.shape)}")
-    # One host sync on the happy path; the per-image search only runs to word the error.
-    all_boxes = torch.cat([t["boxes"] for t in targets]) if targets else boxes.new_zeros(0, 4)
-    if all_boxes.numel() and not bool((torch.isfinite(all_boxes).all() & (all_boxes[:, 2:] >= 0).all())):
-        for b, t in enumerate(targets):
-            tb = t["boxes"]
-            if len(tb) and not bool((torch.isfinite(tb).all() & (tb[:, 2:] >= 0).all())):
-                raise ValueError(f"HungarianMatcher: target {b} has non-finite boxes or negative w/h "
-                                 f"(boxes must be cxcywh): {tb.tolist()}")
+
+
+def _valid_boxes(boxes_cxcywh: Tensor) -> Tensor:
+    """(..., 4) -> (...) bool: finite, with w, h >= 0 (GIoU is meaningless otherwise)."""
+    return torch.isfinite(boxes_cxcywh).all(-1) & (boxes_cxcywh[..., 2:] >= 0).all(-1)
+
+
+def _raise_for_invalid(set_index: int, logits: Tensor, boxes: Tensor, targets: list[dict]) -> None:
+    """Words the error once the host copy showed a problem (off the happy path: syncs are fine)."""
+    for b, t in enumerate(targets):
+        tb = t["boxes"]
+        if len(tb) and not bool(_valid_boxes(tb).all()):
+            raise ValueError(f"HungarianMatcher: target {b} has non-finite boxes or negative w/h "
+                             f"(boxes must be cxcywh): {tb.tolist()}")
+    bad = (~(torch.isfinite(logits).all(-1) & _valid_boxes(boxes)).all(-1)).nonzero().flatten().tolist()
+    where = f" (output set {set_index})" if set_index else ""
+    raise ValueError(f"HungarianMatcher: non-finite pred_logits or pred_boxes (or boxes with negative "
+                     f"w/h) in image(s) {bad}{where}")
 
 
 class HungarianMatcher(nn.Module):
@@ -112,6 +126,10 @@ class HungarianMatcher(nn.Module):
         cost_bbox: weight of the L1 cxcywh cost (official 5.0).
         cost_giou: weight of the negative-GIoU cost (official 2.0).
         focal_alpha, focal_gamma: the focal cost's parameters (official 0.25, 2.0).
+
+    `forward_sets` matches several output sets of one batch (DINO's decoder layers and encoder
+    proposals) with one device->host copy for all of them; the validity checks of predictions and
+    targets travel in the same copy, so on a GPU a step's matching waits for the device once.
     """
 
     def __init__(
@@ -145,25 +163,61 @@ class HungarianMatcher(nn.Module):
             ascending; ``outputs["pred_boxes"][b, pred_idx[k]]`` is matched to target
             ``tgt_idx[k]`` of image b.
         """
-        logits, boxes = _at_least_float32(outputs["pred_logits"]), _at_least_float32(outputs["pred_boxes"])
-        bs, num_queries = logits.shape[:2]
-        if len(targets) != bs:
-            raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {bs} predictions")
-        _check_match_inputs(logits, boxes, targets)
-        sizes = [len(t["boxes"]) for t in targets]
-        if sum(sizes) == 0:
-            return [assign(logits.new_zeros(num_queries, 0).cpu(), b) for b in range(bs)]
+        return self.forward_sets([outputs], targets)[0]
 
-        # All images at once (one device->host copy), then each image's own column block.
-        prob = logits.flatten(0, 1).sigmoid()  # (B*Q, C)
-        pred_boxes = boxes.flatten(0, 1)  # (B*Q, 4)
+    @torch.no_grad()
+    def forward_sets(self, output_sets: Sequence[dict], targets: list[dict]) -> list[MatchIndices]:
+        """`forward` of each output set (same targets), with one device->host copy in all."""
+        sets = [(_at_least_float32(o["pred_logits"]), _at_least_float32(o["pred_boxes"])) for o in output_sets]
+        for logits, boxes in sets:
+            _check_shapes(logits, boxes, targets)
+        sizes = [len(t["boxes"]) for t in targets]
+        if not sets:
+            return []
+        if sum(sizes) == 0:
+            return [[assign(logits.new_zeros(logits.shape[1], 0).cpu(), b) for b in range(len(targets))]
+                    for logits, _ in sets]
+
         tgt_labels = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets]).to(pred_boxes.dtype)
-        cost = (
+        tgt_boxes = torch.cat([t["boxes"] for t in targets])
+        # Sets of one shape and dtype are costed together (fewer, larger kernels; per element the
+        # same arithmetic as one set at a time).
+        groups: dict[tuple, list[int]] = {}
+        for i, (logits, boxes) in enumerate(sets):
+            groups.setdefault((logits.shape, logits.dtype, boxes.dtype), []).append(i)
+        costs: list[Tensor | None] = [None] * len(sets)
+        valid: list[Tensor | None] = [None] * len(sets)
+        for members in groups.values():
+            logits = torch.cat([sets[i][0] for i in members])  # (G*B, Q, C)
+            boxes = torch.cat([sets[i][1] for i in members])
+            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels,
+                                    tgt_boxes.to(boxes.dtype))  # (G*B*Q, M)
+            ok = torch.isfinite(logits).all(-1) & _valid_boxes(boxes)  # (G*B, Q)
+            for k, (c, v) in enumerate(zip(cost.chunk(len(members)), ok.chunk(len(members)))):
+                costs[members[k]], valid[members[k]] = c, v.all(-1)
+        # One copy: every cost matrix, each image's prediction validity, the targets' validity.
+        dtype = torch.promote_types(torch.float32, max((c.dtype for c in costs), key=lambda d: d.itemsize))
+        host = torch.cat([c.flatten().to(dtype) for c in costs]
+                         + [v.to(dtype) for v in valid]
+                         + [_valid_boxes(tgt_boxes).all().to(dtype)[None]]).cpu()
+        cost_sizes = [c.numel() for c in costs]
+        *host_costs, host_valid = host.split(cost_sizes + [host.numel() - sum(cost_sizes)])
+        flags = host_valid.numpy()  # host checks below, no dispatched tensor ops
+        if not flags[-1]:
+            _raise_for_invalid(0, *sets[0], targets)
+        results = []
+        for i, ((logits, boxes), cost) in enumerate(zip(sets, host_costs)):
+            if not flags[i * len(targets):(i + 1) * len(targets)].all():
+                _raise_for_invalid(i, logits, boxes, targets)
+            blocks = cost.view(len(targets), logits.shape[1], -1).split(sizes, dim=-1)
+            results.append([assign(block[b], b) for b, block in enumerate(blocks)])
+        return results
+
+    def cost_matrix(self, prob_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """(N, C) logits, (N, 4) boxes x (M,) labels, (M, 4) boxes -> (N, M) weighted matching cost."""
+        prob = prob_logits.sigmoid()
+        return (
             self.cost_bbox * bbox_cost(pred_boxes, tgt_boxes)
             + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
-            + self.cost_giou * giou_cost(pred_boxes, tgt_boxes)
+            + self.cost_giou * giou_cost(pred_boxes, tgt_boxes, check=False)
         )
-        cost = cost.view(bs, num_queries, -1).cpu()  # (B, Q, sum n_b)
-        blocks = cost.split(sizes, dim=-1)
-        return [assign(block[b], b) for b, block in enumerate(blocks)]

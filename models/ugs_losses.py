@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 import ugs
-from models.criterion import BoxLossTerm, MatchedPairs, SetCriterion
+from models.criterion import (
+    BoxLossTerm,
+    DeviceIndices,
+    MatchedPairs,
+    SetCriterion,
+    per_set_normalisers,
+    per_set_sums,
+)
 from models.matcher import HungarianMatcher
 from util.box_ops import inverse_sigmoid
 
@@ -58,9 +65,8 @@ class UGSBoxLoss(nn.Module):
             target = torch.cat([m.target_boxes_cxcywh for m in group])
             y = inverse_sigmoid(target.to(ref_logit.dtype)) - ref_logit  # (N, 4)
             per_pair = torch.stack([ugs.ce_loss(logits, y, grid), ugs.um_loss(logits)], -1).mean(1)  # (N, 2)
-            sums = per_pair.split([m.batch_idx.numel() for m in group])
-            for i, m, pair_sum in zip(members, group, sums):
-                ce, um = (pair_sum.sum(0) / m.num_boxes).unbind()
+            losses = per_set_sums(per_pair, group) / per_set_normalisers(group, per_pair)[:, None]  # (S, 2)
+            for i, (ce, um) in zip(members, losses):
                 out[i] = {"loss_box_ce": ce, "loss_um": um}
         return out  # type: ignore[return-value]
 
@@ -142,8 +148,8 @@ class UGSCriterion(SetCriterion):
         return (losses, used) if return_indices else losses
 
     def matched_pairs(self, outputs: dict, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
-                      num_boxes: float, suffix: str = "") -> MatchedPairs:
-        matched = super().matched_pairs(outputs, targets, indices, num_boxes, suffix)
+                      num_boxes: float, suffix: str = "", device_indices: DeviceIndices | None = None) -> MatchedPairs:
+        matched = super().matched_pairs(outputs, targets, indices, num_boxes, suffix, device_indices)
         self._matched[suffix] = matched
         return matched
 

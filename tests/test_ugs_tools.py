@@ -147,6 +147,18 @@ def test_benchmark_profile_variants_cpu():
     ranges = res["ugs_ur_on"]["ranges_ms"]
     assert {"ugs_ur/um_gradient", "ugs_ur/second_decoder_pass"} <= set(ranges) and min(ranges.values()) > 0
     assert "ugs_ur/second_decoder_pass" in text and not any(k.startswith("ugs_ur/") for k in res["ugs_ur_on"]["op_ms"])
+    assert all(r["runtime_calls"] == {} for r in res.values())  # no CUDA runtime on a CPU
+
+
+def test_benchmark_runtime_calls_keep_only_waits_and_launches_in_a_fixed_order():
+    from types import SimpleNamespace
+
+    from tools import benchmark_model
+
+    events = [SimpleNamespace(key=k, count=c) for k, c in
+              [("aten::mm", 50), ("cudaStreamSynchronize", 3), ("cudaLaunchKernel", 4000), ("cudaMemcpyAsync", 2)]]
+    assert list(benchmark_model.runtime_calls(events).items()) == [
+        ("cudaLaunchKernel", 4000), ("cudaMemcpyAsync", 2), ("cudaStreamSynchronize", 3)]
 
 
 def test_per_object_loss_weights_match_the_criterion():

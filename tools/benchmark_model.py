@@ -317,8 +317,11 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
                        "op_calls": {e.key: e.count for e in events if _is_host_op(e)},
                        "ranges_ms": {e.key: _range_ms(e, device) for e in events
                                      if getattr(e, "is_user_annotation", False)}}
+        result[key]["runtime_calls"] = runtime_calls(events)
         ratio = f", device busy {busy_ms:.1f} ms = {busy_ms / wall_ms:.2f} of wall" if device.type == "cuda" else ""
+        runtime = ", ".join(f"{n} x{c}" for n, c in result[key]["runtime_calls"].items())
         texts.append(f"### {label}: profiled step {wall_ms:.1f} ms wall (profiler on){ratio}\n"
+                     + (f"CUDA runtime calls (host waits and launches): {runtime}\n" if runtime else "")
                      + events.table(sort_by=sort_key, row_limit=top))
         del step, prof
         if device.type == "cuda":
@@ -327,6 +330,18 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
     for before, after in zip(keys, keys[1:]):
         texts.append(profile_difference(result, before, after, top))
     return result, "\n\n".join(texts)
+
+
+# CUDA runtime calls that show where the host waits for the device (synchronisations; a blocking
+# memcpy waits too) and how many kernels it launched; one cudaDeviceSynchronize is the profiler's.
+RUNTIME_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaMemcpyAsync",
+                 "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def runtime_calls(events) -> dict[str, int]:  # noqa: ANN001
+    """{runtime call: count} of one profiled step, for the calls in RUNTIME_CALLS that occurred."""
+    counts = {e.key: e.count for e in events if e.key in RUNTIME_CALLS}
+    return {name: counts[name] for name in RUNTIME_CALLS if name in counts}
 
 
 def _is(event, device_type: torch.autograd.DeviceType) -> bool:  # noqa: ANN001

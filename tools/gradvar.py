@@ -47,7 +47,7 @@ from torch import Tensor  # noqa: E402
 import ugs  # noqa: E402
 from tools.target_stats import (BUCKETS, batch_to, image_sizes_hw, optimizer_step, size_bucket,  # noqa: E402
                                 take, weighted_total)
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, inverse_sigmoid  # noqa: E402
+from util.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid, paired_generalized_box_iou  # noqa: E402
 
 
 class HiddenStateCatcher:
@@ -84,7 +84,7 @@ def per_object_loc_loss(matched, weight_dict: dict[str, float], grid: Tensor | N
         if include_um and w_um:
             loss = loss + w_um * ugs.um_loss(logits).mean(-1)
     if include_giou:
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
         loss = loss + weight_dict.get("loss_giou", 0.0) * (1 - giou)
     return loss
 

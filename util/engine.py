@@ -119,7 +119,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     weight_dict = criterion.weight_dict
     sums: dict[str, float] = {}
     n_logged = 0
-    window: dict[str, list[torch.Tensor]] = {}  # loss terms of the micro-batches of one step
+    # the reduced ["loss"] + keys vector of each micro-batch of one step (read once per step)
+    window: list[torch.Tensor] = []
     stop_after_step = False
     bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process,
                dynamic_ncols=True, leave=False)
@@ -156,8 +157,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                            local, keys, logger, reason="non-finite loss")
                 window.clear()
                 continue
-            for k, v in zip(["loss"] + keys, reduced):
-                window.setdefault(k, []).append(v)
+            window.append(reduced[:len(keys) + 1])
             if not accelerator.sync_gradients:
                 continue  # accumulating; the optimizer steps on the last micro-batch
             grad_norm = None
@@ -180,8 +180,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             record: dict[str, Any] = {"step": state.step, "epoch": epoch}
             for i, g in enumerate(optimizer.param_groups):
                 record[f"lr_{g.get('name', i)}"] = g["lr"]
-            for k, vals in window.items():
-                record[k] = float(torch.stack(vals).mean())
+            # one device->host copy for every logged term (not one per term)
+            record.update(zip(["loss"] + keys, torch.stack(window).mean(0).tolist()))
             if grad_norm is not None:
                 record["grad_norm"] = float(grad_norm)
             record.update(settings.extra_log)
