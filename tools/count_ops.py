@@ -10,7 +10,9 @@ the kernels, in autograd's backward too) for one training step of each variant o
 Counts per phase (model forward, criterion incl. matching and the UR pass, backward) and per
 kind: `kernels` launch device work; `views` only change metadata (view, transpose, slice, ...;
 cheaper on the host, no launch); `syncs` make the host wait for the device (`.item()`, `bool()`
-of a tensor, `nonzero`; the matcher's copies of the cost matrices to the CPU are extra on a GPU).
+of a tensor, `nonzero`). On a GPU the matcher's one device-to-host copy per step (every output set's
+cost matrix) waits too; host-to-device copies of CPU tensors are not visible on a CPU run (the
+criterion makes them non-blocking, `models.criterion.host_to_device`).
 
     python tools/count_ops.py [--config dino_5scale_r50_coco] [--size 96 128] [--json]
 
