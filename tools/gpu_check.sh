@@ -102,8 +102,8 @@ for d, cap in ((32, None), (32, "8"), (8, None), (5, None)):
 print("float64 worst relative error:", f"{worst:.2e}", "PASS" if worst < 1e-10 else "CHECK")
 EOF
 
-# 3. tests (CUDA kernels; the op's CPU/device tests if present)
-TESTS="tests/test_ops_cuda.py"
+# 3. tests (CUDA kernels, the criterion's host syncs on a GPU; the op's CPU/device tests if present)
+TESTS="tests/test_ops_cuda.py tests/test_criterion_cuda.py"
 [ -f tests/test_ops.py ] && TESTS="$TESTS tests/test_ops.py"
 if "$PY" -c "import pytest" 2>/dev/null; then
   # shellcheck disable=SC2086
