@@ -64,6 +64,9 @@ class ModelConfig:
     set_cost_bbox: float = 5.0
     set_cost_giou: float = 2.0
     focal_alpha: float = 0.25
+    # Host threads solving a step's per-image assignments (the GPU waits for them; dense images
+    # make them slow). 0: the CPUs of this process shared among this node's processes, at most 8.
+    matcher_threads: int = 0
 
     # --- loss weights (auxiliary, encoder and denoising sets reuse them) ------------------------
     cls_loss_coef: float = 1.0
@@ -113,6 +116,8 @@ class ModelConfig:
                               f"({self.num_classes})")
         if not 0.0 < self.focal_alpha < 1.0:
             raise ConfigError(f"model.focal_alpha must be in (0, 1), got {self.focal_alpha}")
+        if self.matcher_threads < 0:
+            raise ConfigError(f"model.matcher_threads must be >= 0 (0: automatic), got {self.matcher_threads}")
         if min(self.set_cost_class, self.set_cost_bbox, self.set_cost_giou) < 0 or \
                 self.set_cost_class + self.set_cost_bbox + self.set_cost_giou == 0:
             raise ConfigError("model.set_cost_class/bbox/giou must be >= 0 and not all 0")

@@ -42,7 +42,7 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
     m = cfg.model
     m.check()
     matcher = HungarianMatcher(cost_class=m.set_cost_class, cost_bbox=m.set_cost_bbox,
-                               cost_giou=m.set_cost_giou, focal_alpha=m.focal_alpha)
+                               cost_giou=m.set_cost_giou, focal_alpha=m.focal_alpha, threads=m.matcher_threads)
     weight_dict = expand_weight_dict({"loss_ce": m.cls_loss_coef, "loss_bbox": m.bbox_loss_coef,
                                       "loss_giou": m.giou_loss_coef}, num_decoder_layers=m.dec_layers,
                                      aux_loss=True, denoising=m.dn_number > 0, interm=True,

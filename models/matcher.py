@@ -10,6 +10,8 @@ never matched.
 """
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Sequence
 
 import numpy as np
@@ -23,7 +25,9 @@ __all__ = [
     "HungarianMatcher",
     "MatchIndices",
     "assign",
+    "assign_all",
     "bbox_cost",
+    "default_threads",
     "focal_class_cost",
     "giou_cost",
 ]
@@ -81,6 +85,28 @@ def assign(cost: Tensor, image_index: int = 0) -> tuple[Tensor, Tensor]:
     return torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(tgt_idx, dtype=torch.int64)
 
 
+_pools: dict[int, ThreadPoolExecutor] = {}
+
+
+def default_threads() -> int:
+    """Host threads for the assignments: the CPUs this process may use, shared with the other
+    processes of this node (LOCAL_WORLD_SIZE, set by torchrun / accelerate), at most 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cpus // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))))
+
+
+def assign_all(costs: Sequence[Tensor], image_indices: Sequence[int], threads: int = 1) -> list[tuple[Tensor, Tensor]]:
+    """`assign` of each cost matrix, on up to `threads` host threads (scipy's solver releases the
+    GIL: 14 problems of 900 x 300 take 27 ms on one core, 14 ms on two). Same results, same order;
+    the first failing image's error is raised."""
+    problems = list(zip(costs, image_indices))
+    if threads <= 1 or len(problems) <= 1:
+        return [assign(c, b) for c, b in problems]
+    if threads not in _pools:
+        _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="hungarian")
+    return list(_pools[threads].map(lambda problem: assign(*problem), problems))
+
+
 def _at_least_float32(x: Tensor) -> Tensor:
     """Costs in bf16/fp16 would be too coarse to rank queries (and cdist has no bf16 kernel)."""
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
@@ -126,6 +152,8 @@ class HungarianMatcher(nn.Module):
         cost_bbox: weight of the L1 cxcywh cost (official 5.0).
         cost_giou: weight of the negative-GIoU cost (official 2.0).
         focal_alpha, focal_gamma: the focal cost's parameters (official 0.25, 2.0).
+        threads: host threads solving a call's per-image assignments (0: `default_threads()`);
+            the GPU waits for them, and dense images (hundreds of targets) make them costly.
 
     `forward_sets` matches several output sets of one batch (DINO's decoder layers and encoder
     proposals) with one device->host copy for all of them; the validity checks of predictions and
@@ -139,10 +167,14 @@ class HungarianMatcher(nn.Module):
         cost_giou: float = 2.0,
         focal_alpha: float = 0.25,
         focal_gamma: float = 2.0,
+        threads: int = 0,
     ) -> None:
         super().__init__()
         if cost_class == 0 and cost_bbox == 0 and cost_giou == 0:
             raise ValueError("HungarianMatcher: all costs are 0 (cost_class, cost_bbox, cost_giou)")
+        if threads < 0:
+            raise ValueError(f"HungarianMatcher: threads must be >= 0 (0: automatic), got {threads}")
+        self.threads = threads or default_threads()
         self.cost_class = cost_class
         self.cost_bbox = cost_bbox
         self.cost_giou = cost_giou
@@ -205,13 +237,14 @@ class HungarianMatcher(nn.Module):
         flags = host_valid.numpy()  # host checks below, no dispatched tensor ops
         if not flags[-1]:
             _raise_for_invalid(0, *sets[0], targets)
-        results = []
+        problems = []
         for i, ((logits, boxes), cost) in enumerate(zip(sets, host_costs)):
             if not flags[i * len(targets):(i + 1) * len(targets)].all():
                 _raise_for_invalid(i, logits, boxes, targets)
             blocks = cost.view(len(targets), logits.shape[1], -1).split(sizes, dim=-1)
-            results.append([assign(block[b], b) for b, block in enumerate(blocks)])
-        return results
+            problems += [block[b] for b, block in enumerate(blocks)]
+        solved = assign_all(problems, list(range(len(targets))) * len(sets), self.threads)
+        return [solved[i * len(targets):(i + 1) * len(targets)] for i in range(len(sets))]
 
     def cost_matrix(self, prob_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """(N, C) logits, (N, 4) boxes x (M,) labels, (M, 4) boxes -> (N, M) weighted matching cost."""

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from models.criterion import SetCriterion, expand_weight_dict, indices_to_device
-from models.matcher import HungarianMatcher
+from models.matcher import HungarianMatcher, assign_all, default_threads
 from tests.test_set_prediction import BASE_WEIGHTS, NUM_CLASSES, _outputs, _random_set, _targets
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
 
@@ -167,3 +167,38 @@ def test_box_losses_of_all_sets_at_once_equal_each_set_by_hand():
     sum(losses[k] for k in losses if k.startswith(("loss_bbox", "loss_giou"))).backward()
     for out in sets.values():
         assert out["pred_boxes"].grad is not None and out["pred_boxes"].grad.abs().sum() > 0
+
+
+def test_threaded_assignment_equals_sequential_and_keeps_errors():
+    gen = torch.Generator().manual_seed(7)
+    targets = _targets([4, 0, 6, 2], seed=8)
+    sets = [_random_set(4, 10, gen) for _ in range(3)]
+    one = HungarianMatcher(2.0, 5.0, 2.0, threads=1).forward_sets(sets, targets)
+    four = HungarianMatcher(2.0, 5.0, 2.0, threads=4).forward_sets(sets, targets)
+    assert HungarianMatcher(threads=0).threads >= 1
+    for a, b in zip(one, four):
+        assert all(torch.equal(p, q) and torch.equal(t, u) for (p, t), (q, u) in zip(a, b))
+    costs = [torch.rand(5, 3, generator=gen, dtype=torch.float64) for _ in range(4)]
+    costs[2][1, 1] = float("inf")
+    with pytest.raises(ValueError, match="image 2: matching cost has 1 non-finite"):
+        assign_all(costs, [0, 1, 2, 3], threads=3)
+    with pytest.raises(ValueError, match="threads must be >= 0"):
+        HungarianMatcher(threads=-1)
+
+
+def test_default_threads_share_the_cpus_among_the_node_processes(monkeypatch):
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    alone = default_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1000")
+    assert 1 <= alone <= 8 and default_threads() == 1
+
+
+def test_matcher_threads_config_reaches_the_matcher_and_is_checked():
+    from configs import load_config
+    from configs.overrides import ConfigError
+    from models.build import build_model
+
+    _model, criterion, _post = build_model(load_config("dino_tiny", ["model.matcher_threads=3"]))
+    assert criterion.matcher.threads == 3
+    with pytest.raises(ConfigError, match="model.matcher_threads must be >= 0"):
+        load_config("dino_tiny", ["model.matcher_threads=-1"])
