@@ -61,7 +61,7 @@ purpose, e.g. the UM loss of a second decoder pass over the final and auxiliary 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.distributed as dist
@@ -73,15 +73,17 @@ from util.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
 
 __all__ = [
     "BoxLossTerm",
-    "DeviceIndices",
+    "DevicePairs",
     "GIoUBoxLoss",
     "L1BoxLoss",
     "MatchedPairs",
     "SetCriterion",
     "cardinality_error",
+    "cardinality_errors",
     "class_error",
     "denoising_indices",
     "expand_weight_dict",
+    "focal_loss_elements",
     "host_to_device",
     "indices_to_device",
     "per_set_normalisers",
@@ -181,16 +183,22 @@ class GIoUBoxLoss(nn.Module):
         return [{"loss_giou": loss[i]} for i in range(len(sets))]
 
 
-def sigmoid_focal_loss(logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float = 0.25,
-                       gamma: float = 2.0) -> Tensor:
-    """Focal loss (B, Q, C) summed over all elements / num_boxes (official: mean over Q, x Q)."""
+def focal_loss_elements(logits: Tensor, onehot: Tensor, alpha: float = 0.25, gamma: float = 2.0) -> Tensor:
+    """The sigmoid focal loss of every logit, unreduced (same shape as `logits`)."""
     prob = logits.sigmoid()
     ce = F.binary_cross_entropy_with_logits(logits, onehot, reduction="none")
     p_t = prob * onehot + (1 - prob) * (1 - onehot)
     loss = ce * ((1 - p_t) ** gamma)
     if alpha >= 0:
         loss = (alpha * onehot + (1 - alpha) * (1 - onehot)) * loss
-    # Official order of operations (mean over queries, sum, / num_boxes, x Q) for bit-level parity.
+    return loss
+
+
+def sigmoid_focal_loss(logits: Tensor, onehot: Tensor, num_boxes: float, alpha: float = 0.25,
+                       gamma: float = 2.0) -> Tensor:
+    """Focal loss (B, Q, C) summed over all elements / num_boxes (official: mean over Q, x Q)."""
+    loss = focal_loss_elements(logits, onehot, alpha, gamma)
+    # Official order of operations (mean over queries, sum, / num_boxes, x Q).
     return loss.mean(1).sum() / num_boxes * logits.shape[1]
 
 
@@ -211,6 +219,29 @@ def cardinality_error(logits: Tensor, targets: list[dict], num_targets: Tensor |
         num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
     num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
     return F.l1_loss(num_pred.to(logits.dtype), num_targets.to(logits.dtype))
+
+
+def _groups_by_logits(sets: Sequence[MatchedPairs]) -> list[list[int]]:
+    """Indices of the sets whose pred_logits share shape and dtype (they can be concatenated)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, m in enumerate(sets):
+        logits = m.outputs["pred_logits"]
+        groups.setdefault((tuple(logits.shape), logits.dtype), []).append(i)
+    return list(groups.values())
+
+
+@torch.no_grad()
+def cardinality_errors(sets: Sequence[MatchedPairs], num_targets: Tensor) -> list[Tensor]:
+    """`cardinality_error` of each set (logging only), computed together for sets of one logits
+    shape. num_targets: (B,) target counts on the logits' device."""
+    out: list[Tensor | None] = [None] * len(sets)
+    for members in _groups_by_logits(sets):
+        logits = torch.cat([_loss_dtype(sets[i].outputs["pred_logits"]) for i in members])  # (G*B, Q, C)
+        num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).view(len(members), -1)  # (G, B)
+        errors = (num_pred.to(logits.dtype) - num_targets.to(logits.dtype)).abs().mean(1)
+        for k, i in enumerate(members):
+            out[i] = errors[k]
+    return out  # type: ignore[return-value]
 
 
 def denoising_indices(targets: list[dict], pad_size: int, num_groups: int) -> MatchIndices:
@@ -282,9 +313,13 @@ def _loss_dtype(x: Tensor) -> Tensor:
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
-# Per output set, on the device: (batch_idx (N,), query_idx (N,), flat target index (N,)) where
-# the flat index counts over the batch's concatenated targets.
-DeviceIndices = tuple[Tensor, Tensor, Tensor]
+class DevicePairs(NamedTuple):
+    """One output set's matched pairs on the device, the form the losses read them in."""
+
+    batch_idx: Tensor  # (N,) int64
+    query_idx: Tensor  # (N,) int64
+    target_boxes: Tensor  # (N, 4) the matched targets' boxes, in the targets' dtype
+    target_labels: Tensor  # (N,) their labels
 
 
 def host_to_device(host: Tensor, device: torch.device) -> Tensor:
@@ -295,12 +330,13 @@ def host_to_device(host: Tensor, device: torch.device) -> Tensor:
     return host.to(device)
 
 
-def indices_to_device(sets: Sequence[MatchIndices], targets: list[dict], device: torch.device) -> list[DeviceIndices]:
-    """All output sets' matched pairs moved to `device` in one copy.
+def indices_to_device(sets: Sequence[MatchIndices], targets: list[dict], device: torch.device) -> list[DevicePairs]:
+    """All output sets' matched pairs on `device`, with their targets: one copy, one gather.
 
     A blocking host->device copy waits for the device (and indexing a GPU tensor with CPU indices
     makes one); a step has ~13 sets x (2 + 2B) such index tensors. Here they are packed on the host
-    and copied once, from pinned memory without blocking on CUDA, so the criterion never waits.
+    and copied once, from pinned memory without blocking on CUDA, so the criterion never waits;
+    the matched target boxes and labels of all sets are then gathered at once.
     """
     offsets = [0]
     for t in targets[:-1]:
@@ -314,8 +350,14 @@ def indices_to_device(sets: Sequence[MatchIndices], targets: list[dict], device:
         packed += rows
         lengths.append(sum(r.shape[1] for r in rows))
     host = torch.cat(packed, 1) if packed else torch.zeros(3, 0, dtype=torch.int64)
-    on_device = host_to_device(host, device)
-    return [(part[0], part[1], part[2]) for part in on_device.split(lengths, dim=1)]
+    batch_idx, query_idx, target_idx = host_to_device(host, device)
+    if targets:
+        boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
+        labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
+    else:
+        boxes, labels = torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.int64, device=device)
+    return [DevicePairs(*parts) for parts in zip(batch_idx.split(lengths), query_idx.split(lengths),
+                                                 boxes.split(lengths), labels.split(lengths))]
 
 
 class SetCriterion(nn.Module):
@@ -387,6 +429,29 @@ class SetCriterion(nn.Module):
             out["class_error"] = class_error(logits[matched.batch_idx, matched.query_idx], labels)
         return out
 
+    def label_losses(self, sets: Sequence[MatchedPairs], logged: Sequence[bool]) -> list[dict[str, Tensor]]:
+        """`label_loss` of many sets (each with `target_labels`), computed together for sets whose
+        logits have one shape and dtype: one focal-loss computation instead of one per set (on
+        a GPU each small kernel costs more to launch than to run). Per set the official order:
+        mean over queries, sum, / num_boxes, x Q."""
+        out: list[dict[str, Tensor]] = [{} for _ in sets]
+        for members in _groups_by_logits(sets):
+            group = [sets[i] for i in members]
+            logits = torch.cat([_loss_dtype(m.outputs["pred_logits"]) for m in group])  # (G*B, Q, C)
+            batch, num_queries = group[0].outputs["pred_logits"].shape[:2]
+            labels = torch.cat([m.target_labels for m in group])
+            rows = torch.cat([m.batch_idx + k * batch for k, m in enumerate(group)])
+            onehot = torch.zeros_like(logits)
+            onehot[rows, torch.cat([m.query_idx for m in group]), labels] = 1
+            loss = focal_loss_elements(logits, onehot, self.focal_alpha, self.focal_gamma)
+            per_set = loss.mean(1).view(len(group), -1).sum(1) / per_set_normalisers(group, logits) * num_queries
+            for k, (i, m) in enumerate(zip(members, group)):
+                out[i]["loss_ce"] = per_set[k]
+                if logged[i]:
+                    out[i]["class_error"] = class_error(_loss_dtype(m.outputs["pred_logits"])[m.batch_idx, m.query_idx],
+                                                        m.target_labels)
+        return out
+
     def box_loss(self, matched: MatchedPairs) -> dict[str, Tensor]:
         """The per-set box-loss terms of one set (terms with `forward_sets` run in `forward`)."""
         out: dict[str, Tensor] = {}
@@ -396,28 +461,25 @@ class SetCriterion(nn.Module):
         return out
 
     def matched_pairs(self, outputs: dict, targets: list[dict], indices: MatchIndices, num_boxes: float,
-                      suffix: str = "", device_indices: DeviceIndices | None = None) -> MatchedPairs:
-        """Gather the matched predictions and targets of one output set. device_indices: the
-        set's `indices_to_device` entry when the caller moved all sets' indices at once."""
+                      suffix: str = "", on_device: DevicePairs | None = None) -> MatchedPairs:
+        """Gather the matched predictions and targets of one output set. on_device: the set's
+        `indices_to_device` entry when the caller moved all sets' pairs at once."""
         boxes = _loss_dtype(outputs["pred_boxes"])
-        device = boxes.device
-        if device_indices is None:
-            (device_indices,) = indices_to_device([indices], targets, device)
-        batch_idx, query_idx, target_idx = device_indices
-        target_boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
-        target_labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
-        return MatchedPairs(outputs=outputs, indices=indices, batch_idx=batch_idx, query_idx=query_idx,
-                            src_boxes_cxcywh=boxes[batch_idx, query_idx],
-                            target_boxes_cxcywh=target_boxes.to(dtype=boxes.dtype),
-                            num_boxes=num_boxes, suffix=suffix, target_labels=target_labels)
+        if on_device is None:
+            (on_device,) = indices_to_device([indices], targets, boxes.device)
+        return MatchedPairs(outputs=outputs, indices=indices, batch_idx=on_device.batch_idx,
+                            query_idx=on_device.query_idx,
+                            src_boxes_cxcywh=boxes[on_device.batch_idx, on_device.query_idx],
+                            target_boxes_cxcywh=on_device.target_boxes.to(dtype=boxes.dtype),
+                            num_boxes=num_boxes, suffix=suffix, target_labels=on_device.target_labels)
 
     def set_losses(self, matched: MatchedPairs, targets: list[dict], log: bool = False,
-                   num_targets: Tensor | None = None) -> dict[str, Tensor]:
+                   num_targets: Tensor | None = None, kinds: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Every named loss of one output set (unsuffixed keys), but those of box-loss terms with
         `forward_sets`, which `forward` computes for all sets at once. num_targets: (B,) on the
-        device, for cardinality_error."""
+        device, for cardinality_error; kinds: the loss kinds to compute (default all of `losses`)."""
         out: dict[str, Tensor] = {}
-        for kind in self.losses:
+        for kind in self.losses if kinds is None else kinds:
             if kind == "labels":
                 out.update(self.label_loss(matched, targets, log))
             elif kind == "boxes":
@@ -531,6 +593,8 @@ class SetCriterion(nn.Module):
         if num_targets is not None:
             num_targets = host_to_device(num_targets, logits.device)
         active: list[MatchedPairs] = []
+        logged: list[bool] = []
+        per_set_kinds = [k for k in self.losses if k == "boxes"]  # the others: all sets at once
         with torch.autocast(device_type=logits.device.type, enabled=False):
             pairs = iter(on_device)
             for s in sets:
@@ -541,9 +605,16 @@ class SetCriterion(nn.Module):
                 used[s.suffix] = s.indices
                 matched = self.matched_pairs(s.outputs, targets, s.indices, num_boxes * s.num_boxes_scale,
                                              s.suffix, next(pairs))
-                losses.update({f"{k}{s.suffix}": v
-                               for k, v in self.set_losses(matched, targets, s.log, num_targets).items()})
+                per_set = self.set_losses(matched, targets, s.log, num_targets, per_set_kinds)
+                losses.update({f"{k}{s.suffix}": v for k, v in per_set.items()})
                 active.append(matched)
+                logged.append(s.log)
+            if "labels" in self.losses and active:  # all sets' classification losses at once
+                for matched, values in zip(active, self.label_losses(active, logged), strict=True):
+                    losses.update({f"{k}{matched.suffix}": v for k, v in values.items()})
+            if "cardinality" in self.losses and active:
+                for matched, error in zip(active, cardinality_errors(active, num_targets), strict=True):
+                    losses[f"cardinality_error{matched.suffix}"] = error
             if "boxes" in self.losses and active:
                 for term in filter(_takes_all_sets, self.box_losses):
                     for matched, values in zip(active, term.forward_sets(active), strict=True):

@@ -21,7 +21,7 @@ from torch.profiler import record_function
 import ugs
 from models.criterion import (
     BoxLossTerm,
-    DeviceIndices,
+    DevicePairs,
     MatchedPairs,
     SetCriterion,
     per_set_normalisers,
@@ -148,8 +148,8 @@ class UGSCriterion(SetCriterion):
         return (losses, used) if return_indices else losses
 
     def matched_pairs(self, outputs: dict, targets: list[dict], indices: list[tuple[Tensor, Tensor]],
-                      num_boxes: float, suffix: str = "", device_indices: DeviceIndices | None = None) -> MatchedPairs:
-        matched = super().matched_pairs(outputs, targets, indices, num_boxes, suffix, device_indices)
+                      num_boxes: float, suffix: str = "", on_device: DevicePairs | None = None) -> MatchedPairs:
+        matched = super().matched_pairs(outputs, targets, indices, num_boxes, suffix, on_device)
         self._matched[suffix] = matched
         return matched
 

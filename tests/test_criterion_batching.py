@@ -9,7 +9,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from models.criterion import SetCriterion, expand_weight_dict, indices_to_device
+from models.criterion import (
+    SetCriterion,
+    cardinality_error,
+    class_error,
+    expand_weight_dict,
+    indices_to_device,
+    sigmoid_focal_loss,
+)
 from models.matcher import HungarianMatcher, assign_all, default_threads
 from tests.test_set_prediction import BASE_WEIGHTS, NUM_CLASSES, _outputs, _random_set, _targets
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
@@ -127,19 +134,19 @@ def test_criterion_matches_every_set_in_one_call_with_the_same_losses():
     assert batched.calls == [5, 0]
 
 
-def test_indices_to_device_flat_target_index_points_at_the_matched_target():
+def test_indices_to_device_gathers_each_sets_matched_targets():
     targets = _targets([2, 0, 3])
     sets = [[(torch.tensor([4, 1]), torch.tensor([1, 0])), (torch.zeros(0, dtype=torch.int64),) * 2,
              (torch.tensor([0, 2, 5]), torch.tensor([2, 0, 1]))],
             [(torch.tensor([7]), torch.tensor([0])), (torch.zeros(0, dtype=torch.int64),) * 2,
              (torch.tensor([3]), torch.tensor([2]))]]
     moved = indices_to_device(sets, targets, torch.device("cpu"))
-    all_boxes = torch.cat([t["boxes"] for t in targets])
-    for indices, (batch_idx, query_idx, target_idx) in zip(sets, moved):
-        assert batch_idx.tolist() == [b for b, (p, _) in enumerate(indices) for _ in range(len(p))]
-        assert query_idx.tolist() == torch.cat([p for p, _ in indices]).tolist()
-        expected = torch.cat([targets[b]["boxes"][t] for b, (_, t) in enumerate(indices)])
-        assert torch.equal(all_boxes[target_idx], expected)
+    for indices, pairs in zip(sets, moved):
+        assert pairs.batch_idx.tolist() == [b for b, (p, _) in enumerate(indices) for _ in range(len(p))]
+        assert pairs.query_idx.tolist() == torch.cat([p for p, _ in indices]).tolist()
+        assert torch.equal(pairs.target_boxes, torch.cat([targets[b]["boxes"][t] for b, (_, t) in enumerate(indices)]))
+        labels = torch.cat([targets[b]["labels"][t] for b, (_, t) in enumerate(indices)])
+        assert torch.equal(pairs.target_labels, labels)
     with pytest.raises(ValueError, match="matching has 2 images, the batch 3"):
         indices_to_device([sets[0][:2]], targets, torch.device("cpu"))
 
@@ -163,10 +170,21 @@ def test_box_losses_of_all_sets_at_once_equal_each_set_by_hand():
                                    rtol=1e-14, atol=0)
         torch.testing.assert_close(losses[f"loss_giou{suffix}"], (1 - giou).sum() / (num_boxes * scale),
                                    rtol=1e-14, atol=0)
-    # gradients reach every set's boxes
-    sum(losses[k] for k in losses if k.startswith(("loss_bbox", "loss_giou"))).backward()
+        onehot = torch.zeros_like(out["pred_logits"])
+        for b, ((p, j), t) in enumerate(zip(used[suffix], targets)):
+            onehot[b, p, t["labels"][j]] = 1
+        focal = sigmoid_focal_loss(out["pred_logits"], onehot, num_boxes * scale)
+        torch.testing.assert_close(losses[f"loss_ce{suffix}"], focal, rtol=1e-14, atol=0)
+        assert torch.equal(losses[f"cardinality_error{suffix}"], cardinality_error(out["pred_logits"], targets))
+    assert losses["class_error"] == class_error(
+        outputs["pred_logits"][torch.cat([torch.full_like(p, b) for b, (p, _) in enumerate(used[""])]),
+                               torch.cat([p for p, _ in used[""]])],
+        torch.cat([t["labels"][j] for t, (_, j) in zip(targets, used[""])]))
+    # gradients reach every set's boxes and logits
+    sum(losses[k] for k in losses if k.startswith(("loss_bbox", "loss_giou", "loss_ce"))).backward()
     for out in sets.values():
         assert out["pred_boxes"].grad is not None and out["pred_boxes"].grad.abs().sum() > 0
+        assert out["pred_logits"].grad is not None and out["pred_logits"].grad.abs().sum() > 0
 
 
 def test_threaded_assignment_equals_sequential_and_keeps_errors():
