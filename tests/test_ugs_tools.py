@@ -125,6 +125,11 @@ def test_benchmark_ugs_comparison_cpu_one_step():
     assert res["ugs_ur_on_time_ratio"] > 0 and "ugs_ur_on_mem_ratio" not in res  # no CPU memory numbers
     table = benchmark_model.ugs_table(res, "cpu")
     assert table.count("\n| ") == 5 and "UGS, UR on (full)" in table  # header + 4 variants
+    assert f"UR on vs DINO (CPU, not the target's device): time x{res['ugs_ur_on_time_ratio']:.3f}" in table
+    fake = {"setup": {"device": "cuda"}, "ugs_ur_on_time_ratio": 1.095, "ugs_ur_on_min_time_ratio": 1.12,
+            "ugs_ur_on_mem_ratio": 1.06}
+    assert benchmark_model.target_verdict(fake) == ("UR on vs DINO (GPU): time x1.095 median / x1.120 fastest "
+                                                    "(above x1.10); peak memory x1.060 (within x1.08)")
     assert res["ugs_ur_on_cpu_time_ratio"] > 0 and res["dino"]["step_cpu_ms"] > 0
     # under bfloat16 autocast (criterion inside autocast, as in util/engine.py): every variant runs
     res = benchmark_model.ugs_comparison("dino_tiny", TINY, torch.device("cpu"), 1, 64, 64, 3, iters=1, warmup=0,

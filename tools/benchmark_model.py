@@ -414,7 +414,27 @@ def ugs_table(result: dict, title: str) -> str:
         m_ratio = ("x1.000" if key == base else f"x{result[f'{key}_mem_ratio']:.3f}") if "peak_mem_gib" in r else "-"
         lines.append(f"| {label} | {r['step_ms']:.1f} ms | x{t_ratio} | {r['step_ms_min']:.1f} ms | x{b_ratio} | {cpu} "
                      f"| {c_ratio} | {mem} | {m_ratio} |")
-    return "\n".join(lines)
+    verdict = target_verdict(result)
+    return "\n".join(lines + ([f"\n{verdict}"] if verdict else []))
+
+
+# Issue 5's target for UGS with UR on against DINO, measured on the GPU.
+TARGET_TIME_RATIO, TARGET_MEMORY_RATIO = 1.10, 1.08
+
+
+def target_verdict(result: dict) -> str:
+    """One line: UR on against the target (median and fastest step time, peak memory)."""
+    if "ugs_ur_on_time_ratio" not in result:
+        return ""
+    t, fast = result["ugs_ur_on_time_ratio"], result["ugs_ur_on_min_time_ratio"]
+    parts = [f"time x{t:.3f} median / x{fast:.3f} fastest "
+             f"({'within' if max(t, fast) <= TARGET_TIME_RATIO else 'above'} x{TARGET_TIME_RATIO:.2f})"]
+    if "ugs_ur_on_mem_ratio" in result:
+        m = result["ugs_ur_on_mem_ratio"]
+        parts.append(f"peak memory x{m:.3f} ({'within' if m <= TARGET_MEMORY_RATIO else 'above'} "
+                     f"x{TARGET_MEMORY_RATIO:.2f})")
+    where = "GPU" if result["setup"]["device"].startswith("cuda") else "CPU, not the target's device"
+    return f"UR on vs DINO ({where}): " + "; ".join(parts)
 
 
 def dino_tables(cuda: dict) -> str:
