@@ -38,7 +38,10 @@ model emits for the same queries, e.g. with UGS::
 A term may instead define ``forward_sets(sets: list[MatchedPairs]) -> list[dict]`` (one dict per set,
 same order): the criterion then calls it once per forward with every set that has predictions,
 after all of them are matched, so that it can compute its loss on all sets' pairs at once (UGS
-does: on a GPU each small per-set kernel costs more to launch than to run).
+does: on a GPU each small per-set kernel costs more to launch than to run). The built-in terms do
+the same (L1, GIoU, and the focal and cardinality terms, per logits shape), and the matcher costs
+all sets in one call: apart from a label check and that one copy of the cost matrices to the host,
+the criterion never waits for the device.
 
 The default is ``(L1BoxLoss(), GIoUBoxLoss())``; UGS replaces ``L1BoxLoss`` by its CE term (or keeps
 it unweighted for logging) and adds UM, and gives the new keys weights in ``weight_dict`` (see
@@ -60,20 +63,29 @@ purpose, e.g. the UM loss of a second decoder pass over the final and auxiliary 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Iterator, NamedTuple, Sequence
+from dataclasses import dataclass, replace
+from typing import Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.matched_pairs import (
+    BoxLossTerm,
+    DevicePairs,
+    MatchedPairs,
+    host_to_device,
+    indices_to_device,
+    per_set_normalisers,
+    per_set_sums,
+)
 from models.matcher import HungarianMatcher, MatchIndices
 from util.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from util.precision import at_least_float32
 
 __all__ = [
     "BoxLossTerm",
-    "DevicePairs",
     "GIoUBoxLoss",
     "L1BoxLoss",
     "MatchedPairs",
@@ -84,65 +96,10 @@ __all__ = [
     "denoising_indices",
     "expand_weight_dict",
     "focal_loss_elements",
-    "host_to_device",
-    "indices_to_device",
-    "per_set_normalisers",
-    "per_set_sums",
     "sigmoid_focal_loss",
 ]
 
 LOSS_KINDS = ("labels", "boxes", "cardinality")
-
-
-@dataclass
-class MatchedPairs:
-    """The matched (query, target) pairs of one output set: what box-loss terms receive.
-
-    Attributes:
-        outputs: the output set (``pred_logits`` (B, Q, C), ``pred_boxes`` (B, Q, 4) cxcywh
-            normalised, plus whatever else the model emits per query).
-        indices: per image ``(pred_idx, tgt_idx)`` int64.
-        batch_idx, query_idx: (N,) int64 on the outputs' device; pair k is query
-            ``query_idx[k]`` of image ``batch_idx[k]``.
-        src_boxes_cxcywh: (N, 4) ``outputs["pred_boxes"][batch_idx, query_idx]`` (keeps grad).
-        target_boxes_cxcywh: (N, 4) the matched ground-truth boxes, in the predictions' dtype.
-        target_labels: (N,) their labels (the criterion always fills it; None in hand-made pairs).
-        num_boxes: the normaliser (target boxes per process; times the number of denoising
-            groups for denoising sets). Losses are sums over pairs divided by it.
-        suffix: the set's key suffix ("", "_0", "_interm", "_dn", ...).
-    """
-
-    outputs: dict
-    indices: MatchIndices
-    batch_idx: Tensor
-    query_idx: Tensor
-    src_boxes_cxcywh: Tensor
-    target_boxes_cxcywh: Tensor
-    num_boxes: float
-    suffix: str = ""
-    target_labels: Tensor | None = None  # (N,) int64 on the outputs' device, the matched labels
-
-    def gather(self, key: str) -> Tensor:
-        """``outputs[key][batch_idx, query_idx]`` for any per-query tensor (B, Q, ...) -> (N, ...)."""
-        if key not in self.outputs:
-            raise KeyError(f"output set '{self.suffix or 'final'}' has no '{key}'; "
-                           f"available: {sorted(self.outputs)}")
-        return _loss_dtype(self.outputs[key])[self.batch_idx, self.query_idx]
-
-
-BoxLossTerm = Callable[[MatchedPairs], dict]
-
-
-def per_set_sums(values: Tensor, sets: Sequence[MatchedPairs]) -> Tensor:
-    """(N_1 + ... + N_S, ...) rows of S sets' pairs, in set order -> (S, ...) the sum of each set's
-    rows. Split and sum, so deterministic on every device (an index_add would use atomics)."""
-    sizes = [m.batch_idx.numel() for m in sets]
-    return torch.stack([chunk.sum(0) for chunk in values.split(sizes)])
-
-
-def per_set_normalisers(sets: Sequence[MatchedPairs], like: Tensor) -> Tensor:
-    """(S,) each set's num_boxes, on `like`'s device and dtype (one non-blocking copy)."""
-    return host_to_device(torch.tensor([float(m.num_boxes) for m in sets], dtype=like.dtype), like.device)
 
 
 class L1BoxLoss(nn.Module):
@@ -236,7 +193,7 @@ def cardinality_errors(sets: Sequence[MatchedPairs], num_targets: Tensor) -> lis
     shape. num_targets: (B,) target counts on the logits' device."""
     out: list[Tensor | None] = [None] * len(sets)
     for members in _groups_by_logits(sets):
-        logits = torch.cat([_loss_dtype(sets[i].outputs["pred_logits"]) for i in members])  # (G*B, Q, C)
+        logits = torch.cat([at_least_float32(sets[i].outputs["pred_logits"]) for i in members])  # (G*B, Q, C)
         num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1).view(len(members), -1)  # (G, B)
         errors = (num_pred.to(logits.dtype) - num_targets.to(logits.dtype)).abs().mean(1)
         for k, i in enumerate(members):
@@ -308,58 +265,6 @@ class _OutputSet:
     log: bool = False  # class_error (final set only)
 
 
-def _loss_dtype(x: Tensor) -> Tensor:
-    """Losses run in at least float32 (bf16/fp16 model outputs are upcast)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-
-
-class DevicePairs(NamedTuple):
-    """One output set's matched pairs on the device, the form the losses read them in."""
-
-    batch_idx: Tensor  # (N,) int64
-    query_idx: Tensor  # (N,) int64
-    target_boxes: Tensor  # (N, 4) the matched targets' boxes, in the targets' dtype
-    target_labels: Tensor  # (N,) their labels
-
-
-def host_to_device(host: Tensor, device: torch.device) -> Tensor:
-    """A CPU tensor on `device` without making the host wait: on CUDA through pinned memory with
-    a non-blocking copy (the pinned block is not reused before the copy has run)."""
-    if device.type == "cuda":
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device)
-
-
-def indices_to_device(sets: Sequence[MatchIndices], targets: list[dict], device: torch.device) -> list[DevicePairs]:
-    """All output sets' matched pairs on `device`, with their targets: one copy, one gather.
-
-    A blocking host->device copy waits for the device (and indexing a GPU tensor with CPU indices
-    makes one); a step has ~13 sets x (2 + 2B) such index tensors. Here they are packed on the host
-    and copied once, from pinned memory without blocking on CUDA, so the criterion never waits;
-    the matched target boxes and labels of all sets are then gathered at once.
-    """
-    offsets = [0]
-    for t in targets[:-1]:
-        offsets.append(offsets[-1] + len(t["labels"]))
-    packed, lengths = [], []
-    for indices in sets:
-        if len(indices) != len(targets):
-            raise ValueError(f"SetCriterion: matching has {len(indices)} images, the batch {len(targets)}")
-        rows = [torch.stack([torch.full_like(src, b), src, tgt + offsets[b]]).to("cpu", torch.int64)
-                for b, (src, tgt) in enumerate(indices)]
-        packed += rows
-        lengths.append(sum(r.shape[1] for r in rows))
-    host = torch.cat(packed, 1) if packed else torch.zeros(3, 0, dtype=torch.int64)
-    batch_idx, query_idx, target_idx = host_to_device(host, device)
-    if targets:
-        boxes = torch.cat([t["boxes"] for t in targets]).to(device)[target_idx]
-        labels = torch.cat([t["labels"] for t in targets]).to(device)[target_idx]
-    else:
-        boxes, labels = torch.zeros(0, 4, device=device), torch.zeros(0, dtype=torch.int64, device=device)
-    return [DevicePairs(*parts) for parts in zip(batch_idx.split(lengths), query_idx.split(lengths),
-                                                 boxes.split(lengths), labels.split(lengths))]
-
-
 class SetCriterion(nn.Module):
     """DINO's losses for all output sets.
 
@@ -417,17 +322,11 @@ class SetCriterion(nn.Module):
         return names
 
     def label_loss(self, matched: MatchedPairs, targets: list[dict], log: bool) -> dict[str, Tensor]:
-        logits = _loss_dtype(matched.outputs["pred_logits"])  # (B, Q, C)
-        labels = matched.target_labels
-        if labels is None:
-            labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matched.indices)]).to(logits.device)
-        onehot = torch.zeros_like(logits)
-        onehot[matched.batch_idx, matched.query_idx, labels] = 1
-        out = {"loss_ce": sigmoid_focal_loss(logits, onehot, matched.num_boxes, self.focal_alpha,
-                                             self.focal_gamma)}
-        if log:
-            out["class_error"] = class_error(logits[matched.batch_idx, matched.query_idx], labels)
-        return out
+        """Focal loss (and with `log` the class error) of one set."""
+        if matched.target_labels is None:
+            labels = torch.cat([t["labels"][j] for t, (_, j) in zip(targets, matched.indices)])
+            matched = replace(matched, target_labels=labels.to(matched.batch_idx.device))
+        return self.label_losses([matched], [log])[0]
 
     def label_losses(self, sets: Sequence[MatchedPairs], logged: Sequence[bool]) -> list[dict[str, Tensor]]:
         """`label_loss` of many sets (each with `target_labels`), computed together for sets whose
@@ -437,7 +336,7 @@ class SetCriterion(nn.Module):
         out: list[dict[str, Tensor]] = [{} for _ in sets]
         for members in _groups_by_logits(sets):
             group = [sets[i] for i in members]
-            logits = torch.cat([_loss_dtype(m.outputs["pred_logits"]) for m in group])  # (G*B, Q, C)
+            logits = torch.cat([at_least_float32(m.outputs["pred_logits"]) for m in group])  # (G*B, Q, C)
             batch, num_queries = group[0].outputs["pred_logits"].shape[:2]
             labels = torch.cat([m.target_labels for m in group])
             rows = torch.cat([m.batch_idx + k * batch for k, m in enumerate(group)])
@@ -448,7 +347,7 @@ class SetCriterion(nn.Module):
             for k, (i, m) in enumerate(zip(members, group)):
                 out[i]["loss_ce"] = per_set[k]
                 if logged[i]:
-                    out[i]["class_error"] = class_error(_loss_dtype(m.outputs["pred_logits"])[m.batch_idx, m.query_idx],
+                    out[i]["class_error"] = class_error(at_least_float32(m.outputs["pred_logits"])[m.batch_idx, m.query_idx],
                                                         m.target_labels)
         return out
 
@@ -464,7 +363,7 @@ class SetCriterion(nn.Module):
                       suffix: str = "", on_device: DevicePairs | None = None) -> MatchedPairs:
         """Gather the matched predictions and targets of one output set. on_device: the set's
         `indices_to_device` entry when the caller moved all sets' pairs at once."""
-        boxes = _loss_dtype(outputs["pred_boxes"])
+        boxes = at_least_float32(outputs["pred_boxes"])
         if on_device is None:
             (on_device,) = indices_to_device([indices], targets, boxes.device)
         return MatchedPairs(outputs=outputs, indices=indices, batch_idx=on_device.batch_idx,
@@ -485,7 +384,7 @@ class SetCriterion(nn.Module):
             elif kind == "boxes":
                 out.update(self.box_loss(matched))
             else:
-                out["cardinality_error"] = cardinality_error(_loss_dtype(matched.outputs["pred_logits"]), targets,
+                out["cardinality_error"] = cardinality_error(at_least_float32(matched.outputs["pred_logits"]), targets,
                                                              num_targets)
         return out
 
@@ -599,7 +498,7 @@ class SetCriterion(nn.Module):
             pairs = iter(on_device)
             for s in sets:
                 if s.outputs is None:
-                    zero = torch.zeros((), dtype=_loss_dtype(logits).dtype, device=logits.device)
+                    zero = torch.zeros((), dtype=at_least_float32(logits).dtype, device=logits.device)
                     losses.update({f"{k}{s.suffix}": zero.clone() for k in self.loss_names(s.log)})
                     continue
                 used[s.suffix] = s.indices

@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.precision import at_least_float32
 
 __all__ = [
     "HungarianMatcher",
@@ -105,11 +106,6 @@ def assign_all(costs: Sequence[Tensor], image_indices: Sequence[int], threads: i
     if threads not in _pools:
         _pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="hungarian")
     return list(_pools[threads].map(lambda problem: assign(*problem), problems))
-
-
-def _at_least_float32(x: Tensor) -> Tensor:
-    """Costs in bf16/fp16 would be too coarse to rank queries (and cdist has no bf16 kernel)."""
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _check_shapes(logits: Tensor, boxes: Tensor, targets: list[dict]) -> None:
@@ -200,7 +196,7 @@ class HungarianMatcher(nn.Module):
     @torch.no_grad()
     def forward_sets(self, output_sets: Sequence[dict], targets: list[dict]) -> list[MatchIndices]:
         """`forward` of each output set (same targets), with one device->host copy in all."""
-        sets = [(_at_least_float32(o["pred_logits"]), _at_least_float32(o["pred_boxes"])) for o in output_sets]
+        sets = [(at_least_float32(o["pred_logits"]), at_least_float32(o["pred_boxes"])) for o in output_sets]
         for logits, boxes in sets:
             _check_shapes(logits, boxes, targets)
         sizes = [len(t["boxes"]) for t in targets]

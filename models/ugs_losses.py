@@ -19,14 +19,8 @@ from torch import Tensor, nn
 from torch.profiler import record_function
 
 import ugs
-from models.criterion import (
-    BoxLossTerm,
-    DevicePairs,
-    MatchedPairs,
-    SetCriterion,
-    per_set_normalisers,
-    per_set_sums,
-)
+from models.criterion import SetCriterion
+from models.matched_pairs import BoxLossTerm, DevicePairs, MatchedPairs, per_set_normalisers, per_set_sums
 from models.matcher import HungarianMatcher
 from util.box_ops import inverse_sigmoid
 

@@ -14,9 +14,9 @@ from models.criterion import (
     cardinality_error,
     class_error,
     expand_weight_dict,
-    indices_to_device,
     sigmoid_focal_loss,
 )
+from models.matched_pairs import indices_to_device
 from models.matcher import HungarianMatcher, assign_all, default_threads
 from tests.test_set_prediction import BASE_WEIGHTS, NUM_CLASSES, _outputs, _random_set, _targets
 from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou

@@ -36,3 +36,9 @@ def tf32_mode(enabled: bool | None) -> Iterator[None]:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """x upcast to float32 if it is bf16/fp16, else x itself: losses and matching costs in half
+    precision would be too coarse (and cdist has no bf16 kernel)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
