@@ -12,7 +12,7 @@ kind: `kernels` launch device work; `views` only change metadata (view, transpos
 cheaper on the host, no launch); `syncs` make the host wait for the device (`.item()`, `bool()`
 of a tensor, `nonzero`). On a GPU the matcher's one device-to-host copy per step (every output set's
 cost matrix) waits too; host-to-device copies of CPU tensors are not visible on a CPU run (the
-criterion makes them non-blocking, `models.criterion.host_to_device`).
+criterion makes them non-blocking, `models.matched_pairs.host_to_device`).
 
     python tools/count_ops.py [--config dino_5scale_r50_coco] [--size 96 128] [--json]
 
