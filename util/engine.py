@@ -144,10 +144,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 # entry) is > 0 everywhere once one process is past it, so every process takes
                 # the same branch.
                 reduced = accelerator.reduce(local, reduction="mean")
+                # Backward is launched before the host reads the flags: reading them waits for the
+                # device, and the decoder's backward kernels (UGS's UR pass doubles them) are small
+                # enough that launching them after that wait would leave the GPU idle. A
+                # non-finite step's gradients are discarded below (accumulated ones included).
+                accelerator.backward(loss)
                 stop_after_step = stop_after_step or bool(deadline and reduced[-1] > 0)
                 finite = bool(torch.isfinite(reduced).all())
-                if finite:
-                    accelerator.backward(loss)
             except RuntimeError as err:
                 if _is_oom(err):
                     log.error(_oom_message(images, targets))
