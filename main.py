@@ -218,11 +218,17 @@ def _drop_stale_detection_pictures(plots_dir: Path, keep_until_step: int | None)
     return dropped
 
 
+def loader_transfers_non_blocking(pin_memory: bool, cuda: bool) -> bool:
+    """Whether accelerate moves batches to the GPU without blocking: only from pinned memory
+    (then a batch's copies never make the host wait, and it launches the step at once)."""
+    return pin_memory and cuda
+
+
 def run(args: argparse.Namespace, cfg: Config | None = None,
         build_model_fn: Callable | None = None, build_data_fn: Callable | None = None) -> dict:
     """Everything `main` does; the builders can be replaced (tests use tiny fakes).
     Returns {"metrics": last metrics or None, "state": TrainState, "output_dir": Path}."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import DistributedDataParallelKwargs
 
     cfg = cfg if cfg is not None else resolve_config(args)
@@ -232,8 +238,10 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
     extra = {}
     if cfg.optim.gradient_accumulation_steps is not None:
         extra["gradient_accumulation_steps"] = cfg.optim.gradient_accumulation_steps
+    non_blocking = loader_transfers_non_blocking(cfg.data.pin_memory, torch.cuda.is_available() and not cpu)
     accelerator = Accelerator(cpu=cpu, kwargs_handlers=[DistributedDataParallelKwargs(
-        find_unused_parameters=cfg.runtime.find_unused_parameters)], **extra)
+        find_unused_parameters=cfg.runtime.find_unused_parameters)],
+        dataloader_config=DataLoaderConfiguration(non_blocking=non_blocking), **extra)
     setup_console_logging(accelerator.is_main_process)
     out_dir = Path(cfg.runtime.output_dir)
     if accelerator.is_main_process:

@@ -499,3 +499,11 @@ def test_weighted_loss_leaves_out_zero_weights_but_not_their_value() -> None:
     assert zero.item() == 0.0 and zero.requires_grad
     with pytest.raises(KeyError, match="no loss"):
         weighted_loss(losses, {"loss_other": 1.0})
+
+
+def test_batches_move_to_the_gpu_without_blocking_only_from_pinned_memory() -> None:
+    from main import loader_transfers_non_blocking
+
+    assert loader_transfers_non_blocking(pin_memory=True, cuda=True)
+    assert not loader_transfers_non_blocking(pin_memory=False, cuda=True)
+    assert not loader_transfers_non_blocking(pin_memory=True, cuda=False)
