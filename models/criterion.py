@@ -169,11 +169,9 @@ def class_error(matched_logits: Tensor, matched_labels: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def cardinality_error(logits: Tensor, targets: list[dict], num_targets: Tensor | None = None) -> Tensor:
-    """Mean |#queries whose argmax is not the last class - #targets| (logging only, official).
-    num_targets: (B,) target counts already on the logits' device (saves a host->device copy)."""
-    if num_targets is None:
-        num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
+def cardinality_error(logits: Tensor, targets: list[dict]) -> Tensor:
+    """Mean |#queries whose argmax is not the last class - #targets| (logging only, official)."""
+    num_targets = torch.as_tensor([len(t["labels"]) for t in targets], device=logits.device)
     num_pred = (logits.argmax(-1) != logits.shape[-1] - 1).sum(1)
     return F.l1_loss(num_pred.to(logits.dtype), num_targets.to(logits.dtype))
 
@@ -373,10 +371,10 @@ class SetCriterion(nn.Module):
                             num_boxes=num_boxes, suffix=suffix, target_labels=on_device.target_labels)
 
     def set_losses(self, matched: MatchedPairs, targets: list[dict], log: bool = False,
-                   num_targets: Tensor | None = None, kinds: Sequence[str] | None = None) -> dict[str, Tensor]:
+                   kinds: Sequence[str] | None = None) -> dict[str, Tensor]:
         """Every named loss of one output set (unsuffixed keys), but those of box-loss terms with
-        `forward_sets`, which `forward` computes for all sets at once. num_targets: (B,) on the
-        device, for cardinality_error; kinds: the loss kinds to compute (default all of `losses`)."""
+        `forward_sets`, which `forward` computes for all sets at once. kinds: the loss kinds to
+        compute (default all of `losses`)."""
         out: dict[str, Tensor] = {}
         for kind in self.losses if kinds is None else kinds:
             if kind == "labels":
@@ -384,8 +382,7 @@ class SetCriterion(nn.Module):
             elif kind == "boxes":
                 out.update(self.box_loss(matched))
             else:
-                out["cardinality_error"] = cardinality_error(at_least_float32(matched.outputs["pred_logits"]), targets,
-                                                             num_targets)
+                out["cardinality_error"] = cardinality_error(at_least_float32(matched.outputs["pred_logits"]), targets)
         return out
 
     # ----------------------------------------------------------------------------- driver
@@ -504,7 +501,7 @@ class SetCriterion(nn.Module):
                 used[s.suffix] = s.indices
                 matched = self.matched_pairs(s.outputs, targets, s.indices, num_boxes * s.num_boxes_scale,
                                              s.suffix, next(pairs))
-                per_set = self.set_losses(matched, targets, s.log, num_targets, per_set_kinds)
+                per_set = self.set_losses(matched, targets, s.log, per_set_kinds)
                 losses.update({f"{k}{s.suffix}": v for k, v in per_set.items()})
                 active.append(matched)
                 logged.append(s.log)

@@ -83,25 +83,25 @@ def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, check: bool = 
     if check:
         check_boxes_xyxy(boxes1_xyxy, "generalized_box_iou boxes1")
         check_boxes_xyxy(boxes2_xyxy, "generalized_box_iou boxes2")
-    iou, union = box_iou(boxes1_xyxy, boxes2_xyxy)
-    lt = torch.min(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])
-    rb = torch.max(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])
-    wh = (rb - lt).clamp(min=0)
-    area_c = wh[..., 0] * wh[..., 1]  # smallest enclosing box
-    return iou - (area_c - union) / (area_c + _IOU_EPS)
+    return _broadcast_giou(boxes1_xyxy[:, None, :], boxes2_xyxy[None, :, :])
 
 
 def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     """GIoU of row i of boxes1 with row i of boxes2: (N, 4), (N, 4) -> (N,).
 
-    Equal, element for element, to ``diag(generalized_box_iou(boxes1, boxes2))`` (same operations
-    in the same order), in O(N) instead of O(N^2) time and memory: a dense image's matched pairs
+    Equal, element for element, to ``diag(generalized_box_iou(boxes1, boxes2))`` (the same
+    arithmetic), in O(N) instead of O(N^2) time and memory: a dense image's matched pairs
     number in the hundreds. Not validated: the caller's boxes are sigmoid outputs and checked
     targets (an inverted box gives a meaningless value, a NaN gives NaN).
     """
     if boxes1_xyxy.shape != boxes2_xyxy.shape or boxes1_xyxy.shape[-1:] != (4,):
         raise ValueError(f"paired_generalized_box_iou: expected two (N, 4) tensors, got "
                          f"{tuple(boxes1_xyxy.shape)} and {tuple(boxes2_xyxy.shape)}")
+    return _broadcast_giou(boxes1_xyxy, boxes2_xyxy)
+
+
+def _broadcast_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """GIoU of broadcast box pairs (..., 4), (..., 4) -> (...), with the official epsilons."""
     area1 = box_area(boxes1_xyxy)
     area2 = box_area(boxes2_xyxy)
     lt = torch.max(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
@@ -113,7 +113,7 @@ def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tens
     lt = torch.min(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
     rb = torch.max(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
     wh = (rb - lt).clamp(min=0)
-    area_c = wh[..., 0] * wh[..., 1]
+    area_c = wh[..., 0] * wh[..., 1]  # smallest enclosing box
     return iou - (area_c - union) / (area_c + _IOU_EPS)
 
 
