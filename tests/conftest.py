@@ -1,4 +1,4 @@
-"""Shared test fixtures: the repository root on sys.path and the location of ../shared."""
+"""Shared test setup: the repository root on sys.path and the official-code reference data."""
 from __future__ import annotations
 
 import os
@@ -14,15 +14,10 @@ if str(ROOT) not in sys.path:
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-
-def shared_dir() -> Path:
-    """../shared beside the checkout (CI lays a copy there); SHARED_DIR overrides."""
-    return Path(os.environ.get("SHARED_DIR", ROOT.parent / "shared"))
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    path = shared_dir()
-    if not path.is_dir():
-        pytest.fail(f"shared fixtures folder {path} is missing (set SHARED_DIR)")
-    return path
+def fixtures() -> Path:
+    """tests/fixtures: data produced by the official DINO code (see the README there)."""
+    return FIXTURES

@@ -283,9 +283,9 @@ def test_safetensors_round_trip_keeps_aliases(tmp_path):
         load_safetensors(tmp_path / "bad.safetensors")
 
 
-def test_patterns_cover_the_official_r50_key_list(shared):
+def test_patterns_cover_the_official_r50_key_list(fixtures):
     """Every class-dependent / box-head key of the official R50 model matches the pattern lists."""
-    manifest = json.loads((shared / "fixtures/dino_r50_5scale_state_dict_keys.json").read_text())
+    manifest = json.loads((fixtures / "dino_r50_5scale_state_dict_keys.json").read_text())
     keys = [e["key"] for e in manifest["state_dict"]]
     cls = [k for k in keys if ckpt._matches(k, ckpt.CLASS_DEPENDENT_PATTERNS)]
     box = [k for k in keys if ckpt._matches(k, ckpt.UGS_BOX_HEAD_PATTERNS)]
@@ -294,8 +294,8 @@ def test_patterns_cover_the_official_r50_key_list(shared):
     assert len([k for k in box if ".layers.2." in k]) == 12 * 2 + 2
 
 
-def test_tiny_official_checkpoint_loads_with_weights_only(shared):
-    state = load_checkpoint(shared / "fixtures/dino_official_tiny/checkpoint.pth")
+def test_tiny_official_checkpoint_loads_with_weights_only(fixtures):
+    state = load_checkpoint(fixtures / "dino_official_tiny/checkpoint.pth")
     sd = extract_state_dict(state)
     assert len(sd) == 249 and sd["label_enc.weight"].shape == (12, 64)
     assert all(v.dtype == torch.float16 for v in sd.values())
@@ -305,12 +305,12 @@ def test_tiny_official_checkpoint_loads_with_weights_only(shared):
 # the real model and the official tiny fixture (official file format, float16 values)
 # ------------------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_import_official_tool_reproduces_official_outputs(shared, tmp_path):
+def test_import_official_tool_reproduces_official_outputs(fixtures, tmp_path):
     from configs import load_config
     from models import build_model
     from tools.import_official import main
 
-    fixture = shared / "fixtures/dino_official_tiny"
+    fixture = fixtures / "dino_official_tiny"
     assert main([str(fixture / "checkpoint.pth"), str(tmp_path), "--official-config",
                  str(fixture / "config.json"), "--strict"]) == 0
     model, _, _ = build_model(load_config(str(tmp_path / "config.json")))
@@ -329,13 +329,13 @@ def test_import_official_tool_reproduces_official_outputs(shared, tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tune_import_to_another_class_count_and_ugs_heads(shared, tmp_path):
+def test_fine_tune_import_to_another_class_count_and_ugs_heads(fixtures, tmp_path):
     from configs import from_official_args
     from models import build_model
     from models.ugs_head import use_distribution_box_heads
     from tools.import_official import main
 
-    fixture = shared / "fixtures/dino_official_tiny"
+    fixture = fixtures / "dino_official_tiny"
     assert main([str(fixture / "checkpoint.pth"), str(tmp_path), "--official-config",
                  str(fixture / "config.json"), "--opt", "model.num_classes=3",
                  "model.dn_labelbook_size=3"]) == 0

@@ -1,6 +1,6 @@
 """Matcher, criterion and post-processor against the official DINO code's saved results.
 
-Fixture: ../shared/fixtures/dino_official_tiny (README there). The criterion is fed the official
+Fixture: tests/fixtures/dino_official_tiny (see tests/fixtures/README.md). The criterion is fed the official
 train-mode outputs and targets from ``criterion.pt``; the post-processor the official eval outputs.
 Everything is float64; tolerance 1e-6 absolute (differences are expected around 1e-12).
 """
@@ -24,8 +24,8 @@ def _load(path):
 
 
 @pytest.fixture(scope="module")
-def tiny(shared):
-    root = shared / "fixtures" / "dino_official_tiny"
+def tiny(fixtures):
+    root = fixtures / "dino_official_tiny"
     return {
         "config": json.loads((root / "config.json").read_text()),
         "criterion": _load(root / "criterion.pt"),

@@ -1,5 +1,5 @@
-"""tools/check_official.py on the shared fixtures, both modes (float64, tolerance 1e-6; the
-manifest check is exact). See ../shared/fixtures/dino_official_tiny/README.md."""
+"""tools/check_official.py on the official-code fixtures, both modes (float64, tolerance 1e-6; the
+manifest check is exact). See tests/fixtures/README.md."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ from tools.check_official import main
 
 
 @pytest.mark.slow
-def test_tiny_fixture_conforms(shared, capsys):
-    rc = main([str(shared / "fixtures" / "dino_official_tiny"), "--json"])
+def test_tiny_fixture_conforms(fixtures, capsys):
+    rc = main([str(fixtures / "dino_official_tiny"), "--json"])
     out = capsys.readouterr().out.strip().splitlines()
     summary = json.loads(out[-1])
     failing = {k: v for k, v in summary["tensors"].items() if v == "inf" or v > 1e-6}
@@ -27,8 +27,8 @@ def test_tiny_fixture_conforms(shared, capsys):
 
 
 @pytest.mark.slow
-def test_r50_manifest_matches(shared, capsys):
-    rc = main(["--manifest", str(shared / "fixtures" / "dino_r50_5scale_state_dict_keys.json"), "--json"])
+def test_r50_manifest_matches(fixtures, capsys):
+    rc = main(["--manifest", str(fixtures / "dino_r50_5scale_state_dict_keys.json"), "--json"])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert rc == 0 and summary["pass"], summary
     assert summary["tensors"]["state_dict.missing"] == 0 and summary["tensors"]["strict_load"] == 0
@@ -39,9 +39,9 @@ def test_bad_fixture_dir_is_input_error(tmp_path, capsys):
     assert "missing fixture file" in capsys.readouterr().err
 
 
-def test_manifest_mismatch_fails(shared, tmp_path, capsys):
+def test_manifest_mismatch_fails(fixtures, tmp_path, capsys):
     """A manifest with one renamed key and one wrong shape must fail (exit 1), naming both."""
-    manifest = json.loads((shared / "fixtures" / "dino_r50_5scale_state_dict_keys.json").read_text())
+    manifest = json.loads((fixtures / "dino_r50_5scale_state_dict_keys.json").read_text())
     cfg = manifest["config"]
     # shrink the model so this stays fast: the check derives everything from the config
     cfg.update(backbone="resnet18", hidden_dim=64, nheads=4, enc_layers=1, dec_layers=1, dim_feedforward=64,

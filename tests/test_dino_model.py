@@ -109,8 +109,8 @@ def test_group_count_rule():
     assert num_dn_groups(100, 150) == 1         # 200 // 300 == 0 -> 1
 
 
-def test_denoising_layout_matches_official_mask(shared):
-    ref = torch.load(shared / "fixtures" / "dino_official_tiny" / "criterion.pt", map_location="cpu",
+def test_denoising_layout_matches_official_mask(fixtures):
+    ref = torch.load(fixtures / "dino_official_tiny" / "criterion.pt", map_location="cpu",
                      weights_only=False)  # trusted project fixture
     label_enc = torch.nn.Embedding(12, 64).double()
     torch.manual_seed(3)
@@ -268,8 +268,8 @@ def test_overrides_are_type_checked():
         load_config("dino_tiny", ["model.backbone=vgg16"])
 
 
-def test_from_official_args(shared):
-    official = json.loads((shared / "fixtures" / "dino_official_tiny" / "config.json").read_text())
+def test_from_official_args(fixtures):
+    official = json.loads((fixtures / "dino_official_tiny" / "config.json").read_text())
     cfg = from_official_args(argparse.Namespace(**official))
     m = cfg.model
     assert (m.backbone, m.hidden_dim, m.nheads, m.enc_layers, m.num_queries, m.num_classes) == \
@@ -291,8 +291,8 @@ def test_from_official_args(shared):
         from_official_args(["not", "args"])
 
 
-def test_official_nms_option_reaches_the_post_processor_and_suppresses_duplicates(shared):
-    official = json.loads((shared / "fixtures" / "dino_official_tiny" / "config.json").read_text())
+def test_official_nms_option_reaches_the_post_processor_and_suppresses_duplicates(fixtures):
+    official = json.loads((fixtures / "dino_official_tiny" / "config.json").read_text())
     assert from_official_args(dict(official, nms_iou_threshold=None)).eval.nms_iou_threshold == -1.0
     cfg = from_official_args(dict(official, nms_iou_threshold=0.5))
     assert cfg.eval.nms_iou_threshold == 0.5
