@@ -1,4 +1,4 @@
-"""Model section of the config (DINO-5scale, dino_reference.md section 13). Read only by models/build.py.
+"""Model section of the config (DINO-5scale, docs/dino.md "Configuration"). Read only by models/build.py.
 
 Defaults are the official DINO-5scale ResNet-50 COCO values. Only options the code supports are
 here; official options with other behaviour (two-stage types, box attention, patterns, ...) are

@@ -1,6 +1,6 @@
 """Optimisation, evaluation and runtime sections of the config.
 
-Defaults reproduce official DINO-5scale training (dino_reference.md section 13): AdamW at 1e-4,
+Defaults reproduce official DINO-5scale training (docs/dino.md, "Configuration"): AdamW at 1e-4,
 backbone at 1e-5, weight decay 1e-4, 12 epochs with a step drop after epoch 11, gradient clipping
 at max-norm 0.1. Mixed precision, gradient accumulation and the number of processes are not here:
 they come from accelerate (`accelerate config` or `configs/accelerate/*.yaml`).

@@ -1,4 +1,4 @@
-"""UGS section of the config (ugs_method.md; our choices in docs/ugs.md).
+"""UGS section of the config (the method and our choices: docs/ugs.md).
 
 The defaults hold the paper's best values (lambda_1 = lambda_2 = rho = 0.5, alpha = 1) with the
 method switched off (`enabled = False`), so a DINO config is the L1 baseline and a `*_ugs` config
@@ -107,7 +107,7 @@ class URConfig:
 
 @dataclass
 class InitConfig:
-    zero_last_layer: bool = True  # zero weight and bias of each box head's 4(n+1) layer (spec 10)
+    zero_last_layer: bool = True  # zero weight and bias of each box head's 4(n+1) layer (docs/ugs.md)
 
 
 @dataclass

@@ -3,7 +3,7 @@
 Module layout matches the official checkpoint: `backbone` is a 2-element Sequential (the
 official `Joiner`) whose index 0 holds the network under `body` (torchvision names, e.g.
 `backbone.0.body.layer1.0.conv1.weight`) and whose index 1 is the parameter-free position
-encoder. See dino_reference.md section 1.
+encoder. See docs/dino.md, "Backbone".
 """
 from __future__ import annotations
 

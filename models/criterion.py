@@ -1,6 +1,6 @@
 """DINO's set criterion: named losses over every output set, weights applied outside.
 
-Output sets and key suffixes (dino_reference.md section 11)::
+Output sets and key suffixes (docs/dino.md, "Criterion")::
 
     final decoder layer          ""            matched by the Hungarian matcher
     auxiliary decoder layer i    "_{i}"        matched per layer

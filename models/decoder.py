@@ -1,4 +1,4 @@
-"""Deformable decoder with look-forward-twice box refinement (dino_reference.md section 7).
+"""Deformable decoder with look-forward-twice box refinement (docs/dino.md, "Decoder").
 
 Each layer: self-attention -> deformable cross-attention into the encoder memory -> FFN (the
 official norm *names* are norm2, norm1, norm3 in that order). After each layer the shared box

@@ -1,4 +1,4 @@
-"""Multi-scale deformable attention as an nn.Module (dino_reference.md section 5a).
+"""Multi-scale deformable attention as an nn.Module (docs/dino.md, "Encoder").
 
 The sampling itself is `ops.ms_deform_attn`; this module owns the four projections under the
 official names (`sampling_offsets`, `attention_weights`, `value_proj`, `output_proj`) and turns

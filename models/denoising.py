@@ -1,4 +1,4 @@
-"""Contrastive denoising (CDN) queries for training (dino_reference.md section 8).
+"""Contrastive denoising (CDN) queries for training (docs/dino.md, "Denoising").
 
 Ground-truth boxes and labels are noised into G groups of M positive and M negative queries
 (M = most GT boxes of any image in the batch). Positives move each box edge by less than
@@ -48,7 +48,7 @@ class DenoisingQueries:
 def num_dn_groups(dn_number: int, max_gt: int) -> int:
     """Official group count: (2*dn_number) // (2*max_gt) when 2*dn_number >= 100, else 2*dn_number.
 
-    (The GT count is ignored below 100 total queries, pitfall 18.) At least 1.
+    (The GT count is ignored below 100 total queries, as in the official code.) At least 1.
     """
     n = 2 * dn_number
     if max_gt == 0:

@@ -1,5 +1,5 @@
 """DINO: the wiring of backbone -> input projections -> encoder -> query selection ->
-denoising -> decoder -> heads (the paper's figure, dino_reference.md sections 1-9).
+denoising -> decoder -> heads (the paper's figure; docs/dino.md).
 
 Module names reproduce the official state dict exactly: encoder, decoder and the
 query-selection parameters live under `transformer.*`; the shared decoder heads are stored once

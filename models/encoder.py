@@ -1,4 +1,4 @@
-"""Deformable encoder (dino_reference.md sections 4-5): post-norm layers, no final norm.
+"""Deformable encoder (docs/dino.md, "Encoder"): post-norm layers, no final norm.
 
 Tokens are all levels' pixels flattened row-major and concatenated (level 0 first). Each layer
 is `norm1(src + MSDeformAttn(src + pos))` then `norm2(src + FFN(src))`.

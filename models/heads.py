@@ -1,7 +1,7 @@
 """Prediction heads and the box-refinement step, kept in one place.
 
 A box head predicts an unsigmoided delta that is added to the inverse sigmoid of a reference
-box: `boxes = sigmoid(head(hidden) + inverse_sigmoid(reference))` (dino_reference.md section 7).
+box: `boxes = sigmoid(head(hidden) + inverse_sigmoid(reference))` (docs/dino.md, "Decoder").
 The decoder applies it to the un-normalised layer output (the next reference) and `DINO` applies
 it to the normalised hidden state (the prediction). Changing how a box head turns features into
 a delta (e.g. UGS's per-coordinate bin logits) only touches `build_box_head`;

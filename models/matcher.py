@@ -1,4 +1,4 @@
-"""Hungarian matcher of DINO (dino_reference.md section 10).
+"""Hungarian matcher of DINO (docs/dino.md, "Matcher").
 
 The cost of assigning query q to target t is
 

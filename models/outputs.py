@@ -22,7 +22,7 @@ class Prediction(TypedDict, total=False):
 
     pred_logits: (B, N, C) raw class logits.
     pred_boxes: (B, N, 4) cxcywh in [0, 1], float32 or wider even under bf16 autocast.
-    UGS only (so the criterion can build two-hot targets, ugs_method.md sections 4-6):
+    UGS only (so the criterion can build two-hot targets, docs/ugs.md):
     pred_box_logits: (B, N, 4, n+1) raw per-coordinate bin logits (cx, cy, w, h order) over the
         head's grid; their expectation is the logit-space delta that pred_boxes applied.
     ref_boxes_logit: (B, N, 4) the detached logit-space reference the delta was added to:

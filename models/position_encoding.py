@@ -1,4 +1,4 @@
-"""Sine position encodings (dino_reference.md section 3).
+"""Sine position encodings (docs/dino.md, "Position encodings").
 
 Two encodings share one formula: values scaled to [0, 2*pi], divided by `T ** (2*floor(i/2)/n)`,
 then sin on even and cos on odd channels (interleaved). Feature maps use temperature 20 and put

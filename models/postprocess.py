@@ -1,4 +1,4 @@
-"""Post-processing of DINO outputs into per-image detections (dino_reference.md section 12).
+"""Post-processing of DINO outputs into per-image detections (docs/dino.md, "Post-processing").
 
 Top-K over the flattened (query x class) sigmoid scores, so one query can yield several
 detections with different labels. Boxes are scaled to the original image size and, as in the

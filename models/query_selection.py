@@ -1,4 +1,4 @@
-"""Mixed query selection, two-stage "standard" (dino_reference.md section 6).
+"""Mixed query selection, two-stage "standard" (docs/dino.md, "Query selection").
 
 Every encoder token proposes a box around its pixel (size 0.05 * 2**level); the top-Q tokens by
 their best class logit give the decoder's initial anchors (detached), while the content queries

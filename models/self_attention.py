@@ -1,4 +1,4 @@
-"""Multi-head self-attention among the decoder's queries (dino_reference.md section 7).
+"""Multi-head self-attention among the decoder's queries (docs/dino.md, "Decoder").
 
 Same parameters, initialisation and results as `nn.MultiheadAttention(d, heads, batch_first=True)`
 called as `(query, key=query, value)` -- keys `in_proj_weight` (3d, d), `in_proj_bias` (3d,),

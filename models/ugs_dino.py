@@ -1,4 +1,4 @@
-"""UGS-DINO: DINO with distribution box heads (ugs_method.md sections 5, 8, 10).
+"""UGS-DINO: DINO with distribution box heads (docs/ugs.md, "The method").
 
 Same modules and parameter names as DINO (so official checkpoints load, minus the box heads' last
 layers); the differences are all here:

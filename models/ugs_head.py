@@ -1,4 +1,4 @@
-"""UGS distribution box heads for DINO (ugs_method.md sections 5, 10, 12).
+"""UGS distribution box heads for DINO (docs/ugs.md, "The method").
 
 A distribution box head is DINO's MLP(d, d, 4, 3) with a last layer of 4(n+1) outputs: per box
 coordinate, n+1 bin logits over a grid (ugs.make_grid), decoded to the logit-space delta by the

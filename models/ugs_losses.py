@@ -1,4 +1,4 @@
-"""UGS losses for DINO's criterion (ugs_method.md sections 6-9).
+"""UGS losses for DINO's criterion (docs/ugs.md, "The method"; paper Eqs. 10-16).
 
 - `UGSBoxLoss`: a box-loss term for SetCriterion (see models/criterion.py, "Box-loss hook") that
   returns `loss_box_ce` (two-hot CE) and `loss_um` (entropy) on the matched queries of every output
@@ -107,7 +107,7 @@ def ugs_weight_dict(weight_dict: dict[str, float], box_loss: str, ce_weight: flo
 class UGSCriterion(SetCriterion):
     """SetCriterion with the UR term (`loss_ur`, unweighted; its weight is weight_dict["loss_ur"]).
 
-    UR (ugs_method.md section 8): g_l = d(sum of the decoder layers' loss_um)/d(memory level l),
+    UR (paper Eqs. 14-15): g_l = d(sum of the decoder layers' loss_um)/d(memory level l),
     delta_l = rho g_l / (||g_l|| + eps) per image and level (padding untouched), decoder again on
     memory + delta (matching queries only, no denoising queries), loss_ur = sum over decoder
     layers of the entropy of the step-1-matched queries (mean over coordinates, / num_boxes); the

@@ -1,4 +1,4 @@
-"""Post-processing for UGS-DINO: DINO's detections plus per-detection uncertainty (spec section 12).
+"""Post-processing for UGS-DINO: DINO's detections plus per-detection uncertainty (docs/ugs.md, "Uncertainty as an output").
 
 Each detection also gets `std_xyxy_px` (K, 4), the standard deviation of each edge in pixels of the
 original image (delta method through the sigmoid, ugs.box_std_pixels), and `entropy` (K,), the mean

@@ -1,4 +1,4 @@
-"""Gradient-stability diagnostic of ugs_method.md section 11 (the paper's Sec. 4.6, Figs. 1-2).
+"""Gradient-stability diagnostic of the paper's Sec. 4.6, Figs. 1-2 (docs/ugs.md).
 
 Two training runs from the same initialisation and the same batches: the L1 baseline
 (`ugs.ablation=l1`) and UGS (`--variant`, default `full`). UGS-DINO is the baseline DINO re-typed

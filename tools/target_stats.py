@@ -1,8 +1,8 @@
 """Distribution of DINO's logit-space box-regression targets, to choose the UGS grid range R.
 
 For every query matched to a ground-truth box t, the box head that refined reference r must
-predict y_c = inverse_sigmoid(t_c) - inverse_sigmoid(r_c) per coordinate (ugs_method.md section
-2, the same clamped logit, eps 1e-3); UGS clamps y into [-R, R] (section 3), so R should cover
+predict y_c = inverse_sigmoid(t_c) - inverse_sigmoid(r_c) per coordinate (docs/ugs.md,
+the same clamped logit, eps 1e-3); UGS clamps y into [-R, R], so R should cover
 nearly all of these. This tool runs a model (random init, `--checkpoint`, or `--train-steps` of
 training first) on the config's training pipeline, matches like the criterion does, and prints
 percentiles of y per output set (each decoder layer, the encoder proposals, the denoising

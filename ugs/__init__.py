@@ -1,7 +1,6 @@
 """UGS: uncertainty-aware gradient stabilisation, detector-agnostic (tensors in, tensors out).
 
-Imports only torch. The specification is ../shared/docs/ugs_method.md; our choices are in
-docs/ugs.md. Public functions:
+Imports only torch. The method and our choices are described in docs/ugs.md. Public functions:
     make_grid, two_hot, expectation, ce_loss, um_loss, ur_perturbation (and ur_delta, the
     perturbation alone), uncertainty, box_std_pixels.
 """

@@ -1,4 +1,4 @@
-"""Decoding bin logits to a value (ugs_method.md section 5, paper Eq. 10)."""
+"""Decoding bin logits to a value (paper Eq. 10; docs/ugs.md)."""
 from __future__ import annotations
 
 import torch

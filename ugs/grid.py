@@ -1,4 +1,4 @@
-"""Bin grids for distribution box regression (ugs_method.md section 3, paper Eq. 9).
+"""Bin grids for distribution box regression (paper Eq. 9; docs/ugs.md).
 
 A grid is a strictly increasing 1-D tensor g_0 < ... < g_n (n = `intervals`) that the per-coordinate
 bin logits are spread over. The interval non-uniform ("in") grid is dense near 0, where late-training

@@ -1,5 +1,5 @@
-"""Uncertainty-guided refinement (UR): the first-order feature perturbation of ugs_method.md
-section 8 (paper Eqs. 14-15), solved in closed form as sharpness-aware minimisation does.
+"""Uncertainty-guided refinement (UR): the first-order feature perturbation of the
+paper's Eqs. 14-15 (docs/ugs.md), solved in closed form as sharpness-aware minimisation does.
 
     delta_l = rho * g_l / (||g_l||_2 + eps),   g_l = dL_UM / dF_l (detached)
 

@@ -1,4 +1,4 @@
-"""Two-hot soft targets (ugs_method.md section 4, paper Eq. 8)."""
+"""Two-hot soft targets (paper Eq. 8; docs/ugs.md)."""
 from __future__ import annotations
 
 import torch

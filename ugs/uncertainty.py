@@ -1,4 +1,4 @@
-"""Per-coordinate uncertainty of the bin distributions (ugs_method.md section 12)."""
+"""Per-coordinate uncertainty of the bin distributions (docs/ugs.md, "Uncertainty as an output")."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""Box conversions and overlaps with the official DINO numerics (dino_reference.md section 0).
+"""Box conversions and overlaps with the official DINO numerics (docs/dino.md, "Numerics").
 
 Formats are part of every name: ``boxes_cxcywh`` are (cx, cy, w, h), ``boxes_xyxy`` are
 (x0, y0, x1, y1); both may be normalised or absolute, the functions here do not care. All

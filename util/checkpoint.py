@@ -34,7 +34,7 @@ from torch import Tensor, nn
 SAFE_GLOBALS: tuple[Any, ...] = (argparse.Namespace,)
 
 # ---- Tensors whose shape depends on the number of classes (re-initialised when it changes).
-# Keys follow the official state-dict names (dino_reference.md section 14).
+# Keys follow the official state-dict names (docs/dino.md, "Checkpoints").
 CLASS_DEPENDENT_PATTERNS: tuple[str, ...] = (
     r"class_embed\.\d+\.(weight|bias)",                       # decoder class heads (shared, aliased)
     r"transformer\.decoder\.class_embed\.\d+\.(weight|bias)",  # the same heads under their alias
@@ -42,7 +42,7 @@ CLASS_DEPENDENT_PATTERNS: tuple[str, ...] = (
     r"label_enc\.weight",                                      # CDN label embedding: labelbook + 1 rows
 )
 # ---- The box heads' last linear layer: 4 outputs in DINO, 4 (n + 1) bin logits with UGS.
-# With UGS they start at zero weight and zero bias (ugs_method.md section 10).
+# With UGS they start at zero weight and zero bias (docs/ugs.md, "The method").
 UGS_BOX_HEAD_PATTERNS: tuple[str, ...] = (
     r"bbox_embed\.\d+\.layers\.\d+\.(weight|bias)",                       # decoder box heads
     r"transformer\.decoder\.bbox_embed\.\d+\.layers\.\d+\.(weight|bias)",  # their alias

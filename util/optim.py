@@ -2,7 +2,7 @@
 
 Official DINO's default grouping (`param_dict_type='default'`) has two groups: backbone
 parameters at `lr_backbone`, everything else at `lr`. Its `lr_linear_proj_mult` is never applied
-by that grouping (dino_reference.md pitfall 25); we reproduce that by default and offer the
+by that grouping (docs/dino.md, "Details that are easy to get wrong"); we reproduce that by default and offer the
 multiplier through `param_dict_type='ddetr_in_mmdet'`. `lr_box_head_last_mult` (ours, default 1)
 moves the box heads' last layers into a group of their own with either grouping.
 """
