@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import socket
 
 import pytest
 import torch
@@ -302,15 +303,52 @@ def test_postprocess_topk_labels_boxes_and_errors():
         PostProcess(num_select=2)({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([100, 200]))
 
 
-def test_num_boxes_goes_through_all_reduce_when_distributed(tmp_path):
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+_RANK_COUNTS = ([3, 2], [1])  # target boxes per image on rank 0 and rank 1: 6 in all, 3 per process
+
+
+def _two_process_worker(rank: int, port: int, out_dir: str) -> None:
+    """One of two gloo processes: num_boxes of small and empty batches, and the losses of a step."""
     import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        criterion = _criterion()
+        cpu = torch.device("cpu")
+        targets = _targets(_RANK_COUNTS[rank], seed=rank + 1)
+        result = {
+            "mean": criterion.num_boxes(targets, cpu),
+            "clamped": criterion.num_boxes(_targets([1] if rank == 0 else [0]), cpu),  # (1 + 0) / 2 -> 1
+            "losses": {k: v.detach() for k, v in criterion(_outputs(targets, seed=rank), targets).items()},
+        }
+        torch.save(result, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_num_boxes_is_the_mean_over_two_real_processes(tmp_path):
+    """Two gloo processes on localhost: num_boxes is the all-reduced mean (clamped at 1) on both,
+    and each process's losses are normalized by it rather than by its own count."""
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
 
     if not dist.is_available():
         pytest.skip("torch.distributed is not built in")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        criterion = _criterion()
-        assert criterion.num_boxes(_targets([3, 2]), torch.device("cpu")) == 5.0
-        assert criterion.num_boxes(_targets([0]), torch.device("cpu")) == 1.0
-    finally:
-        dist.destroy_process_group()
+    mp.spawn(_two_process_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert [r["mean"] for r in results] == [3.0, 3.0]
+    assert [r["clamped"] for r in results] == [1.0, 1.0]
+    for rank, result in enumerate(results):
+        targets = _targets(_RANK_COUNTS[rank], seed=rank + 1)
+        alone = _criterion()(_outputs(targets, seed=rank), targets)  # normalized by its own count
+        local = float(sum(_RANK_COUNTS[rank]))
+        for key, value in alone.items():
+            scale = local / 3.0 if key.startswith("loss_") else 1.0  # error percentages: not normalized
+            torch.testing.assert_close(result["losses"][key], value.detach() * scale, rtol=1e-12, atol=1e-12,
+                                       msg=f"rank {rank} {key}")
