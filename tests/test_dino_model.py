@@ -104,7 +104,7 @@ def test_decoder_inputs_are_exposed_and_replay_the_decoder():
 
 def test_group_count_rule():
     assert num_dn_groups(100, 7) == 14          # 200 // 14
-    assert num_dn_groups(10, 3) == 20           # < 100 total: GT count ignored (pitfall 18)
+    assert num_dn_groups(10, 3) == 20           # < 100 total: GT count ignored (official rule, docs/dino.md)
     assert num_dn_groups(100, 0) == 1
     assert num_dn_groups(100, 150) == 1         # 200 // 300 == 0 -> 1
 

@@ -54,7 +54,7 @@ def _step(model, criterion):
 
 @pytest.mark.slow
 def test_official_checkpoint_into_ugs_dino_gives_dinos_boxes_at_step_0():
-    """Spec section 10: an official-layout DINO state dict loads into UGS-DINO, the bin heads start
+    """An official-layout DINO state dict loads into UGS-DINO, the bin heads start
     at zero (named in the import report), and the boxes equal DINO's with its regression layers at
     zero (DINO's own starting point for them)."""
     from util.checkpoint import import_weights

@@ -1,4 +1,4 @@
-"""Mathematics of the ugs package (ugs_method.md sections 3-8, 12), in float64 unless stated."""
+"""Mathematics of the ugs package (docs/ugs.md, "The method"), in float64 unless stated."""
 from __future__ import annotations
 
 import ast
@@ -43,7 +43,7 @@ def test_in_grid_odd_symmetric_exactly(n):
 
 def test_spec_example_values():
     g = ugs.make_grid(4.0, 1.0, 8, "in", dtype=F64)
-    # the spec's printed values, to the 2 decimals it gives
+    # the example values printed in docs/ugs.md, to their 2 decimals
     spec = torch.tensor([-4, -2.60, -1.51, -0.66, 0, 0.66, 1.51, 2.60, 4], dtype=F64)
     assert torch.allclose(g, spec, atol=0.005 + 1e-12)
     # and the formula written out independently
@@ -57,7 +57,7 @@ def test_in_denser_near_zero_and_alpha_direction():
     g1, g2 = grid_in(4.0, 1.0, 8), grid_in(4.0, 2.0, 8)
     steps = g1[1:] - g1[:-1]
     assert bool((steps[4:-1] < steps[5:]).all())  # widening away from 0
-    assert g2[5] < g1[5]  # larger alpha: denser near 0 (the form the spec implements)
+    assert g2[5] < g1[5]  # larger alpha: denser near 0 (the form of docs/ugs.md)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1e-300, 1e-12, 1e-9, 1e-7])
