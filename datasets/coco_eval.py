@@ -345,7 +345,7 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
              for name, iou, area, cap, key in rows]
     if "num_images_without_detections" in metrics:
         lines.append(f" {metrics['num_detections']} detections on {metrics['num_images']} images; "
-                     f"{metrics['num_images_without_detections']} images without any detection")
+                     f"images without any detection: {metrics['num_images_without_detections']}")
     if metrics.get("per_class"):
         lines.append("")
         lines.append(f" {'category':<24} {'id':>5} {'AP':>7} {'AP50':>7} {'AR':>7}   (maxDets={n})")
