@@ -104,4 +104,5 @@ def test_validation_picture_labels_apart(tmp_path):
     image, boxes, scores, labels = _crowded(40, (120, 160))
     sample = EvalSample(image_id=7, image=image.float() / 255, boxes_xyxy=boxes, scores=scores,
                         labels=labels, gt_boxes_xyxy=boxes[:5])
-    assert plot_detections([sample, sample], tmp_path / "val.png", 0.3, title="demo: step 10").stat().st_size > 10_000
+    path = plot_detections([sample, sample], tmp_path / "val.png", 0.3, title="demo: step 10")
+    assert path.stat().st_size > 10_000
