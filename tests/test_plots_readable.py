@@ -98,11 +98,31 @@ def test_inference_picture_has_title_inside_and_labels_apart(tmp_path):
     assert path.stat().st_size > 10_000
 
 
-def test_validation_picture_labels_apart(tmp_path):
+def test_validation_picture_labels_apart(tmp_path, monkeypatch):
+    import matplotlib.pyplot as plt
+
     from util.engine import EvalSample
 
+    made = []
+    real_subplots = plt.subplots
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        fig, axes = real_subplots(*args, **kwargs)
+        made.append(fig)
+        return fig, axes
+
+    monkeypatch.setattr(plt, "subplots", spy)
     image, boxes, scores, labels = _crowded(40, (120, 160))
     sample = EvalSample(image_id=7, image=image.float() / 255, boxes_xyxy=boxes, scores=scores,
                         labels=labels, gt_boxes_xyxy=boxes[:5])
     path = plot_detections([sample, sample], tmp_path / "val.png", 0.3, title="demo: step 10")
     assert path.stat().st_size > 10_000
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = made[0]
+    renderer = FigureCanvasAgg(fig).get_renderer()   # the figure is closed after saving
+    for ax in fig.axes:
+        assert "overlapping labels not drawn" in ax.get_title()
+        extents = [t.get_window_extent(renderer) for t in ax.texts]
+        assert 1 < len(extents) < 40
+        assert not any(a.overlaps(b) for i, a in enumerate(extents) for b in extents[i + 1:])
