@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from configs.data import DataConfig
-from datasets import build_dataset
+from datasets import build_dataloader, build_dataset
 from datasets.coco import DatasetError
 from datasets.report import REPORT_NAME, write_data_report
 
@@ -49,8 +49,10 @@ def test_report_counts_skipped_records_by_reason_with_examples(tmp_path, caplog)
     data.skip_bad_records = True
     train = build_dataset(data, "train")
     val = build_dataset(data, "val")
-    for i in range(len(train)):   # loading finds the corrupt JPEG (image 3), skipped and counted
-        train[i]
+    # loading finds the corrupt JPEG (image 3), skipped and counted, here in a DataLoader worker
+    data.num_workers = 1
+    for _ in build_dataloader(data, train, batch_size=1, train=False):
+        pass
     run_dir = tmp_path / "run"
     with caplog.at_level(logging.INFO, logger="datasets.report"):
         write_data_report(run_dir, {"train": train, "val": val})
