@@ -82,3 +82,18 @@ def test_tools_take_opt_like_main():
     argv = ["--opt", "a.b=1", "c.d=2", "--opt", "e.f=3"]
     assert parse_args(["x.png", "--checkpoint", "c", "--out", "o", *argv]).opt == ["a.b=1", "c.d=2", "e.f=3"]
     assert build_parser().parse_args(["--out", "o.png", *argv]).opt == ["a.b=1", "c.d=2", "e.f=3"]
+
+
+def test_every_entry_point_declares_opt_the_same_way():
+    """main.py and every tool: `--opt` takes several KEY=VALUE and may be repeated (argparse's
+    nargs="*" with action="extend"); a plain nargs="*" would silently keep only the last --opt."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    declared = 0
+    for path in [root / "main.py", *sorted((root / "tools").glob("*.py"))]:
+        for call in re.findall(r'add_argument\(\s*"--opt"[^)]*\)', path.read_text()):
+            declared += 1
+            assert 'nargs="*"' in call and 'action="extend"' in call, f"{path.name}: {call}"
+    assert declared >= 8

@@ -329,7 +329,8 @@ def report_text(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="named config or .py/.json path")
-    ap.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides")
     ap.add_argument("--batches", type=int, default=8, help="training batches to measure")
     ap.add_argument("--checkpoint", type=Path, help="model weights (official layout or ours)")
     ap.add_argument("--train-steps", type=int, default=0,
