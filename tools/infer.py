@@ -168,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.slice and cfg.ugs.enabled:
+        print("note: --slice merges the tiles' boxes, scores and labels only; results.json carries no "
+              "per-box uncertainty (whole-image mode does)")
     records, image_list = [], []
     for image_id, path in enumerate(args.images, start=1):
         image = read_image(path)
