@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -346,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     if not any(r["n"] for r in result["records"]):
         print("warning: no matched targets (empty images?)", file=sys.stderr)
     if args.json:
-        print(json.dumps(result, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+        from util.logging import json_safe  # NaN -> null (json.dumps' default= never sees floats)
+
+        print(json.dumps(json_safe(result), allow_nan=False))
     return 0
 
 
