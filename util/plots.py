@@ -185,7 +185,10 @@ def plot_detections(samples: Sequence, out_path: str | Path, score_threshold: fl
     if not samples:
         return None
     n = len(samples)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.6), squeeze=False)
+    aspect = max(float(s.image.shape[-2]) / float(s.image.shape[-1]) for s in samples)   # h / w
+    height = 4.0 * aspect + 0.8                       # the images, then room for the titles above
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, height), squeeze=False)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=1 - 0.75 / height, wspace=0.04)
     cmap = plt.get_cmap("tab10")
     for ax, s in zip(axes[0], samples):
         ax.imshow(s.image.permute(1, 2, 0).numpy(), interpolation="nearest")
