@@ -54,8 +54,10 @@ def test_ap_axis_fits_small_values(tmp_path):
     bottom, top = fig.axes[0].get_ylim()
     assert bottom == 0.0 and 0.12 <= top < 0.2          # 0.12 is the largest value, not a 0-1 axis
     plt.close(fig)
-    fig = ap_figure([dict(history[0], AP=0.9, AR=0.95)])
-    assert fig.axes[0].get_ylim()[1] == 1.0
+    fig = ap_figure([dict(history[0], AP=0.9, AR=1.0)])
+    assert fig.axes[0].get_ylim()[1] == 1.05                 # a value of 1 stays visible
+    styles = {(line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines()}
+    assert len(styles) == 5                                  # AP and APs apart where they coincide
     plt.close(fig)
     path = tmp_path / "history.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in history))

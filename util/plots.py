@@ -117,20 +117,22 @@ AP_KEYS = ("AP", "AP50", "AP75", "APs", "AR")
 
 def ap_figure(records: Sequence[dict]) -> plt.Figure | None:
     """AP, AP50, AP75, APs and AR (at the run's max_dets) after each evaluation. The y axis starts
-    at 0 and ends a little above the largest value (at most 1), so early values of a few percent
-    are not a flat line at the bottom of a 0-1 axis."""
+    at 0 and ends a little above the largest value (at most 1.05), so early values of a few
+    percent are not a flat line at the bottom of a 0-1 axis."""
     if not records:
         return None
     step = np.array([r["step"] for r in records])
     fig, ax = plt.subplots(figsize=(7, 4.2))
     top = 0.0
-    for k in AP_KEYS:
+    markers = ("o", "s", "^", "v", "D")
+    for index, k in enumerate(AP_KEYS):   # own marker and line style: AP and APs often coincide
         v = np.array([float(r[k]) if isinstance(r.get(k), (int, float)) else np.nan for r in records])
         if np.isfinite(v).any():
             top = max(top, float(np.nanmax(v)))
-        ax.plot(step, v, marker="o", label=k)
+        ax.plot(step, v, marker=markers[index], markersize=7 - index, label=k, zorder=2 + index,
+                **_term_style(index))
     cap = records[-1].get("max_dets", "?")
-    ax.set_ylim(0.0, min(1.0, max(top * 1.15, 0.01)))
+    ax.set_ylim(0.0, min(1.05, max(top * 1.15, 0.01)))   # room above a value of 1.0
     ax.set_xlabel("optimizer step")
     ax.set_ylabel(f"value at maxDets={cap}")
     ax.set_title("validation metrics")
