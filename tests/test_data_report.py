@@ -90,6 +90,7 @@ def test_clean_dataset_reports_nothing_skipped(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="datasets.report"):
         report = write_data_report(tmp_path, {"train": build_dataset(data, "train")})
     assert report["train"]["skipped"] == {} and report["train"]["images"] == 2
+    assert report["train"]["source"] == "synthetic train set (seed 0, 2 images)"
     assert [r.getMessage().endswith(f"nothing skipped; see {tmp_path / REPORT_NAME}")
             for r in caplog.records if r.name == "datasets.report"] == [True]
 
