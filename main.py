@@ -48,7 +48,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help=f"named config (configs/<name>.py) or a .py/.json path (default: {DEFAULT_CONFIG})")
-    p.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE",
+    p.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="dotted overrides, e.g. optim.lr=2e-4 model.num_queries=300")
     p.add_argument("--eval", action="store_true", help="evaluate only (weights from --resume/--pretrained)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH|auto",
@@ -262,6 +262,9 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
         from models import build_model as build_model_fn
     model, criterion, postprocessor = build_model_fn(cfg)
     data = (build_data_fn or build_data)(cfg)
+    if accelerator.is_main_process:  # skipped records by reason, with examples: data_report.json
+        from datasets.report import write_data_report
+        write_data_report(out_dir, {"train": data.train, "val": data.val})
     if cfg.eval.num_select < cfg.eval.max_dets:
         log.warning("eval.num_select=%d < eval.max_dets=%d: at most %d detections per image exist, "
                     "so the cap is not reached", cfg.eval.num_select, cfg.eval.max_dets, cfg.eval.num_select)
@@ -332,6 +335,7 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
             from util.plots import plot_ap_history, plot_detections
 
             metrics["eval_seconds"] = round(time.time() - t0, 2)
+            write_data_report(out_dir, {"train": data.train, "val": data.val}, only_changes=True)
             log.info("evaluation (%s, maxDets=%d):\n%s", tag, cfg.eval.max_dets, format_summary(metrics))
             run_logger.log_metrics(metrics, epoch=state.epoch, step=state.step)
             write_json_atomic(out_dir / "results_val.json", results)
@@ -404,9 +408,11 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
             state.best_metric, is_best = float(metrics["AP"]), True
         save(is_best, extra)
         if accelerator.is_main_process:
+            from util.checkpoint import prune_epoch_checkpoints
             from util.plots import plot_loss_curves
 
             plot_loss_curves(out_dir / "log.jsonl", out_dir / "plots" / "loss_curves.png")
+            prune_epoch_checkpoints(out_dir, cfg.runtime.keep_checkpoints)
         metrics = metrics if last else None
         if last:
             break

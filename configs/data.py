@@ -38,8 +38,11 @@ class DataConfig:
     # Crowd / ignored regions (iscrowd=1) become target["ignore_boxes"]; False drops them (counted).
     keep_crowd: bool = True
     # Bad records (missing/corrupt images, annotations with unknown image or category ids,
-    # boxes with negative size or entirely outside the image): error by default; True skips
-    # and counts them (printed at dataset construction, see dataset.load_stats).
+    # malformed boxes, boxes with negative size or entirely outside the image): an error naming
+    # the file and record by default; True skips and counts them. Each run writes the counts by
+    # reason, with the first offending image / annotation ids, to run_dir/data_report.json and
+    # logs one line per dataset (datasets/report.py); corrupt images are found while loading, so
+    # the report is refreshed after each evaluation.
     skip_bad_records: bool = False
 
     # --- embedded synthetic small-object dataset (no download) --------------------------------

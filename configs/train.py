@@ -86,7 +86,9 @@ class EvalConfig:
     # Class-agnostic NMS (IoU threshold) after the top-k when > 0; official default -1: off.
     nms_iou_threshold: float = -1.0
     interval: int = 1  # evaluate every N epochs (and always after the last one)
-    backend: Literal["pycocotools", "faster"] = "pycocotools"
+    # COCO evaluation backend, same numbers: "faster" (faster-coco-eval, several times faster on
+    # dense scenes), "pycocotools" (the reference), or "auto": faster when installed, else pycocotools.
+    backend: Literal["auto", "pycocotools", "faster"] = "auto"
     draw_score_threshold: float = 0.3  # detections drawn on the validation pictures
     num_draw_images: int = 4
 
@@ -106,6 +108,10 @@ class RuntimeConfig:
     seed: int = 42  # each process uses seed + rank (official)
     log_interval: int = 10  # steps between console/tqdm postfix updates (the JSONL log has every step)
     checkpoint_interval: int = 1  # epochs between extra `checkpoint_epochNNNN.pth` copies (0: none)
+    # How many `checkpoint_epochNNNN.pth` copies to keep (each holds the optimizer state: about
+    # 3x the weights); older ones are deleted after each save, oldest first. checkpoint_last.pth
+    # and checkpoint_best.pth are always kept. -1 keeps every copy.
+    keep_checkpoints: int = 2
     # Also refresh checkpoint_last.pth every N optimizer steps inside an epoch (0: epoch ends only),
     # so a crash loses at most N steps; `--resume auto` skips the batches already consumed and
     # continues bit-identically (per-sample augmentation seeds, datasets/seeded.py).
@@ -116,7 +122,9 @@ class RuntimeConfig:
     # step boundary, then evaluate and save as at the end; `--resume` continues from that step. A
     # wall-clock cap for time-boxed runs (the CPU demo on a shared machine whose speed varies).
     max_train_minutes: float = 0.0
-    tensorboard: bool = True  # only when the tensorboard package is installed
+    # Mirror the logs to TensorBoard (run_dir/tensorboard): null (default) when the tensorboard
+    # package is installed, silently off otherwise; true asks for it (a warning when missing).
+    tensorboard: bool | None = None
     # torch intra-op CPU threads per process (0: torch's default). On a busy shared CPU, 1 thread
     # can be several times faster than 2 (OpenMP threads spin while waiting for a core).
     num_threads: int = 0
@@ -141,3 +149,6 @@ class RuntimeConfig:
             raise ConfigError("runtime.max_steps, runtime.checkpoint_interval, runtime.checkpoint_every_steps "
                               "and runtime.num_threads "
                               "must be >= 0, runtime.log_interval >= 1")
+        if self.keep_checkpoints < -1:
+            raise ConfigError("runtime.keep_checkpoints must be >= 0, or -1 to keep every epoch "
+                              f"checkpoint, got {self.keep_checkpoints}")

@@ -92,7 +92,9 @@ def build_dataset(data: DataConfig, split: str) -> CocoDetection:
         coco, images = _synthetic_split(n, tuple(data.synthetic_image_size), data.synthetic_min_objects,
                                         data.synthetic_max_objects, seed, data.synthetic_max_ignored_regions,
                                         tuple(float(v) for v in data.synthetic_small_side_px))
-        return CocoDetection(coco, images, **common)
+        dataset = CocoDetection(coco, images, **common)
+        dataset.source = f"synthetic {split} set (seed {seed}, {n} images)"   # names it in reports
+        return dataset
     if data.dataset in ("coco", "visdrone"):
         images, annotations = ((data.train_images, data.train_annotations) if train
                                else (data.val_images, data.val_annotations))

@@ -29,6 +29,8 @@ from datasets.transforms import DropStats, build_transforms
 AUGMENT_REASONS = ("boxes_outside_crop", "ignore_boxes_outside_crop", "cut_to_ignore", "degenerate_boxes",
                    "degenerate_ignore_boxes", "corrupt_images_skipped")
 _MAX_WORKER_ROWS = 64
+# Offending records kept per reason for the data report (datasets/report.py): the first few.
+MAX_EXAMPLES = 5
 
 
 class DatasetError(ValueError):
@@ -82,6 +84,8 @@ class CocoDetection(Dataset):
             self.source, data = "<in-memory COCO dict>", annotations
         self.skip_bad_records = skip_bad_records
         self.load_stats = Counter()
+        # reason -> the first MAX_EXAMPLES offending records ("image 3 (a.jpg)", "annotation 7 ...")
+        self.bad_examples: dict[str, list[str]] = {}
         self.transforms = transforms if transforms is not None else build_transforms("none", train=False)
         self.image_root: Path | None = None
         self.memory_images: Mapping[int, torch.Tensor] | None = None
@@ -119,6 +123,9 @@ class CocoDetection(Dataset):
         self._coco = None
         self._augment_counts = torch.zeros((_MAX_WORKER_ROWS + 1, len(AUGMENT_REASONS)),
                                            dtype=torch.int64).share_memory_()
+        # ids of the first images that failed to decode, per worker row (-1: free slot)
+        self._corrupt_ids = torch.full((_MAX_WORKER_ROWS + 1, MAX_EXAMPLES), -1,
+                                       dtype=torch.int64).share_memory_()
 
     def coco_gt(self) -> dict:
         """The evaluation ground truth as a COCO dict (what datasets.coco_eval consumes)."""
@@ -131,11 +138,15 @@ class CocoDetection(Dataset):
         return self._coco
 
     # ---- validation --------------------------------------------------------------------------
-    def _bad(self, reason: str, message: str) -> None:
+    def _bad(self, reason: str, message: str, example: str) -> None:
+        """Raise for a bad record, or (skip_bad_records) count it and keep it as an example."""
         if not self.skip_bad_records:
             raise DatasetError(f"{message} (set skip_bad_records / data.skip_bad_records=true "
                                "to skip and count)")
         self.load_stats[reason] += 1
+        examples = self.bad_examples.setdefault(reason, [])
+        if len(examples) < MAX_EXAMPLES:
+            examples.append(example)
 
     def _check_images(self, records: list) -> dict[int, dict]:
         images: dict[int, dict] = {}
@@ -152,12 +163,14 @@ class CocoDetection(Dataset):
                 path = self.image_root / name
                 if not path.is_file():
                     self._bad("missing_image_files",
-                              f"{self.source}: image id {image_id}: file {path} does not exist")
+                              f"{self.source}: image id {image_id}: file {path} does not exist",
+                              f"image {image_id} ({name})")
                     self._skipped_image_ids.add(rec["id"])
                     continue
             elif image_id not in self.memory_images:
                 self._bad("missing_image_files",
-                          f"{self.source}: image id {image_id} ({name}) has no in-memory image")
+                          f"{self.source}: image id {image_id} ({name}) has no in-memory image",
+                          f"image {image_id} ({name})")
                 self._skipped_image_ids.add(rec["id"])
                 continue
             images[image_id] = {"height": h, "width": w, "file_name": name, "raw": rec}
@@ -169,34 +182,36 @@ class CocoDetection(Dataset):
         ignore: dict[int, set] = {i: set() for i in self.images}
         kept = []
         for ann in records:
+            example = f"annotation {ann.get('id')} (image {ann.get('image_id')})"
             where = f"{self.source}: annotation id {ann.get('id')} (image id {ann.get('image_id')})"
             image_id = ann.get("image_id")
             if image_id in self._skipped_image_ids:
                 self.load_stats["annotations_of_skipped_images"] += 1
                 continue
             if image_id not in self.images:
-                self._bad("skipped_unknown_image_id", f"{where}: image id not in 'images'")
+                self._bad("skipped_unknown_image_id", f"{where}: image id not in 'images'", example)
                 continue
             if ann.get("category_id") not in self._cat_to_label:
                 self._bad("skipped_unknown_category", f"{where}: category_id {ann.get('category_id')!r} "
-                          f"not in 'categories' {sorted(self._cat_to_label)}")
+                          f"not in 'categories' {sorted(self._cat_to_label)}", example)
                 continue
             bbox = ann.get("bbox")
             if (not isinstance(bbox, (list, tuple)) or len(bbox) != 4
                     or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in bbox)):
                 self._bad("skipped_malformed_bbox",
-                          f"{where}: bbox {bbox!r} is not 4 finite numbers [x, y, w, h]")
+                          f"{where}: bbox {bbox!r} is not 4 finite numbers [x, y, w, h]", example)
                 continue
             x, y, w, h = (float(v) for v in bbox)
             if w < 0 or h < 0:
-                self._bad("skipped_negative_size", f"{where}: bbox {bbox} has negative width or height")
+                self._bad("skipped_negative_size", f"{where}: bbox {bbox} has negative width or height",
+                          example)
                 continue
             W, H = self.images[image_id]["width"], self.images[image_id]["height"]
             x1, y1 = min(max(x, 0), W), min(max(y, 0), H)
             x2, y2 = min(max(x + w, 0), W), min(max(y + h, 0), H)
             if w > 0 and h > 0 and (x2 <= x1 or y2 <= y1):
                 self._bad("skipped_outside_image", f"{where}: bbox {bbox} lies entirely outside the "
-                          f"{W}x{H} image")
+                          f"{W}x{H} image", example)
                 continue
             kept.append({k: v for k, v in ann.items() if k != "segmentation"})
             if (x1, y1, x2, y2) != (x, y, x + w, y + h):
@@ -260,10 +275,13 @@ class CocoDetection(Dataset):
             try:
                 image = self.load_image(image_id)
                 break
-            except DatasetError:
+            except DatasetError as err:
                 if not self.skip_bad_records:
-                    raise
+                    raise DatasetError(f"{err}; to skip and count such images instead, set "
+                                       "data.skip_bad_records=true (--opt data.skip_bad_records=true)"
+                                       ) from None
                 self._count({"corrupt_images_skipped": 1})
+                self._remember_corrupt(image_id)
         else:
             raise DatasetError(f"{self.source}: no image of the dataset could be loaded")
         h, w = image.shape[-2:]
@@ -281,7 +299,22 @@ class CocoDetection(Dataset):
         new_hw = tuple(image.shape[-2:])
         return image.as_subclass(torch.Tensor), finalize_target(target, image_id, (h, w), new_hw)
 
+    def _remember_corrupt(self, image_id: int) -> None:
+        info = get_worker_info()
+        row = self._corrupt_ids[0 if info is None else 1 + info.id % _MAX_WORKER_ROWS]
+        if bool((row == image_id).any()):
+            return
+        free = (row < 0).nonzero()
+        if len(free):
+            row[int(free[0])] = image_id
+
     # ---- reporting ---------------------------------------------------------------------------
+    @property
+    def corrupt_image_examples(self) -> list[str]:
+        """The first images that failed to decode (from every DataLoader worker), with file names."""
+        ids = sorted({int(i) for i in self._corrupt_ids.flatten().tolist() if i >= 0})[:MAX_EXAMPLES]
+        return [f"image {i} ({self.images[i]['file_name']})" for i in ids]
+
     @property
     def augment_stats(self) -> dict[str, int]:
         totals = self._augment_counts.sum(dim=0).tolist()

@@ -34,6 +34,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("pycocotools", "faster")
+# What a config or the command line may name: a backend, or "auto" (faster when installed).
+BACKEND_CHOICES = ("auto", *BACKENDS)
 # Keys of the summary, all at N unless the key names its own cap.
 SUMMARY_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR", "ARs", "ARm", "ARl",
                 "AR@1", "AR@10", "AR@100")
@@ -172,10 +174,20 @@ def _empty_results_coco(coco_cls: type, gt: Mapping) -> Any:
     return coco
 
 
+def resolve_backend(backend: str) -> str:
+    """"auto" -> "faster" when faster-coco-eval is installed, else "pycocotools"; others unchanged."""
+    if backend == "auto":
+        import importlib.util
+
+        return "faster" if importlib.util.find_spec("faster_coco_eval") is not None else "pycocotools"
+    if backend not in BACKENDS:
+        raise CocoEvalError(f"unknown backend {backend!r}; choose one of {BACKEND_CHOICES}")
+    return backend
+
+
 def run_cocoeval(gt: Mapping, records: list[dict], max_dets: int, backend: str = "pycocotools") -> Any:
     """Run evaluate + accumulate; return the COCOeval object (its `.eval` has precision/recall)."""
-    if backend not in BACKENDS:
-        raise CocoEvalError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+    backend = resolve_backend(backend)
     if backend == "pycocotools":
         from pycocotools.coco import COCO
         from pycocotools.cocoeval import COCOeval
@@ -266,13 +278,16 @@ def evaluate_detections(gt: Any, results: Any, max_dets: int = 100, *, backend: 
         gt: COCO ground truth (path, dataset dict, or COCO object).
         results: COCO results (path or list of {image_id, category_id, bbox xywh abs, score}).
         max_dets: N, the per-image detection cap (1500 VisDrone, 100 COCO).
-        backend: "pycocotools" or "faster" (faster-coco-eval); same numbers.
+        backend: "pycocotools", "faster" (faster-coco-eval) or "auto" (faster when installed);
+            same numbers.
         per_class: add "per_class": list of {category_id, name, AP, AP50, AR}.
         validate: check every record against the GT first (clear errors naming the record).
 
     Returns: {AP, AP50, AP75, APs, APm, APl, AR, ARs, ARm, ARl, AR@1, AR@10, AR@100} as fractions
     in [0, 1] (NaN when undefined), plus "max_dets", "num_images", "num_detections" (after the
-    cap), "num_truncated" (dropped by the per-image cap) and optionally "per_class".
+    cap), "num_truncated" (dropped by the per-image cap), "num_images_without_detections" (ground
+    truth images no result names: each of their objects is a miss), "backend" (the one that ran)
+    and optionally "per_class".
     """
     gt_data = load_ground_truth(gt)
     records, source = load_results(results)
@@ -284,10 +299,17 @@ def evaluate_detections(gt: Any, results: Any, max_dets: int = 100, *, backend: 
                     source, max_dets, dropped)
     if not capped:
         warnings.warn(f"{source}: no detections to evaluate; every defined AP/AR is 0", stacklevel=2)
+    backend = resolve_backend(backend)
     evaluator = run_cocoeval(gt_data, capped, int(max_dets), backend)
     metrics: dict[str, Any] = summarize(evaluator, int(max_dets))
+    predicted = {rec["image_id"] for rec in capped}
+    without = sum(1 for img in gt_data["images"] if img["id"] not in predicted)
+    if without:
+        logger.info("%s: %d of %d images have no detections (their objects count as misses)",
+                    source, without, len(gt_data["images"]))
     metrics.update(max_dets=int(max_dets), num_images=len(gt_data["images"]),
-                   num_detections=len(capped), num_truncated=dropped)
+                   num_detections=len(capped), num_truncated=dropped,
+                   num_images_without_detections=without, backend=backend)
     if per_class:
         metrics["per_class"] = per_class_ap(evaluator, gt_data, int(max_dets))
     return metrics
@@ -321,6 +343,9 @@ def format_summary(metrics: Mapping[str, Any]) -> str:
     lines = [f" {name:<18} ({'AP' if name.endswith('Precision') else 'AR'}) @[ IoU={iou:<9} | "
              f"area={area:>6} | maxDets={cap:>4} ] = {fmt(metrics[key])}   [{key}]"
              for name, iou, area, cap, key in rows]
+    if "num_images_without_detections" in metrics:
+        lines.append(f" {metrics['num_detections']} detections on {metrics['num_images']} images; "
+                     f"images without any detection: {metrics['num_images_without_detections']}")
     if metrics.get("per_class"):
         lines.append("")
         lines.append(f" {'category':<24} {'id':>5} {'AP':>7} {'AP50':>7} {'AR':>7}   (maxDets={n})")

@@ -39,6 +39,7 @@ import ops  # noqa: E402
 from configs import load_config  # noqa: E402
 from models import build_model  # noqa: E402
 from util.engine import weighted_loss  # noqa: E402
+from util.logging import json_safe  # noqa: E402
 from util.precision import tf32_mode  # noqa: E402
 
 
@@ -531,9 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
-        tmp.write_text(json.dumps(results, indent=2) + "\n")
+        tmp.write_text(json.dumps(json_safe(results), indent=2, allow_nan=False) + "\n")
         os.replace(tmp, args.out)
-    print(json.dumps(results))
+    print(json.dumps(json_safe(results), allow_nan=False))
     return 0
 
 

@@ -105,7 +105,7 @@ def table(results: dict, labels: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="dino_5scale_r50_coco")
-    parser.add_argument("--opt", nargs="*", default=["model.backbone_weights=none"],
+    parser.add_argument("--opt", nargs="*", action="extend", default=["model.backbone_weights=none"],
                         help="config overrides applied to every variant")
     parser.add_argument("--size", type=int, nargs=2, default=(96, 128), metavar=("H", "W"))
     parser.add_argument("--boxes", type=int, default=20, help="target boxes per image")

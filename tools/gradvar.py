@@ -325,7 +325,8 @@ def _json_safe(obj):  # noqa: ANN001, ANN202
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE", help="overrides for both runs")
+    ap.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="overrides for both runs")
     ap.add_argument("--iters", type=int, default=100, help="recorded iterations (each also an optimiser step)")
     ap.add_argument("--warmup", type=int, default=0, help="training steps before recording")
     ap.add_argument("--variant", default="full", choices=["ce_uniform", "ce_in", "ce_in_um", "full"],

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", help="directory for config.json and model.safetensors")
     parser.add_argument("--official-config", help="JSON dict of official DINO arguments")
     parser.add_argument("--config", help="one of our configs (name or path) instead of the official args")
-    parser.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    parser.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                        help="config overrides")
     parser.add_argument("--skip-mismatched", action="store_true",
                         help="keep the fresh initialisation for tensors whose shape differs (reported)")
     parser.add_argument("--strict", action="store_true",

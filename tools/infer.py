@@ -8,6 +8,9 @@ overlapping SIZE x SIZE tiles at native resolution instead -- small objects in 4
 images stay several pixels wide -- and merges the tiles' detections class-wise (NMS or weighted
 box fusion, util/tiling.py). Writes OUT/results.json (COCO results; image ids are the positions
 of the images on the command line, 1-based, listed in OUT/images.json) and OUT/<name>_det.png.
+Boxes are clipped to the image. With a UGS model each record also carries the box's
+`uncertainty: {std_xyxy_px: [4], entropy}`, as evaluation results do (whole-image mode; tile
+merging keeps boxes, scores and labels only).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import Config, from_dict, load_config  # noqa: E402
 from util.checkpoint import extract_state_dict, import_weights, load_checkpoint  # noqa: E402
+from util.logging import write_json_atomic  # noqa: E402
 from util.tiling import merge_tile_detections, tile_grid  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
@@ -35,7 +39,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None,
                    help="config name/path (default: the config stored in the checkpoint)")
-    p.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE", help="dotted config overrides")
+    p.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                   help="dotted config overrides (several after one --opt, or --opt repeated)")
     p.add_argument("--slice", type=int, default=0, metavar="SIZE", help="tile size in pixels (0: whole image)")
     p.add_argument("--overlap", type=float, default=0.2, help="tile overlap fraction (default 0.2)")
     p.add_argument("--merge", choices=["nms", "wbf"], default="nms", help="merging of tile detections")
@@ -83,13 +88,16 @@ def label_mapping(cfg: Config, categories_file: str | None) -> tuple[dict[int, i
 
 
 def read_image(path: str) -> torch.Tensor:
-    """uint8 (3, H, W) RGB."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """uint8 (3, H, W) RGB, decoded by PIL like the datasets (torchvision's decoders are deprecated)."""
+    import numpy as np
+    from PIL import Image
 
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+        with Image.open(path) as im:
+            array = np.array(im if im.mode == "RGB" else im.convert("RGB"))
     except Exception as exc:  # noqa: BLE001 - name the file whatever the decoder raised
         raise SystemExit(f"cannot read image {path}: {exc}") from exc
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 def normalise(image_u8: torch.Tensor) -> torch.Tensor:
@@ -114,6 +122,32 @@ def detect(model: torch.nn.Module, postprocessor: torch.nn.Module, crops: list[t
     return results
 
 
+def clip_to_image(dets: dict[str, torch.Tensor], hw: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Detections with their xyxy boxes clipped to the (h, w) image (the model's cxcywh boxes may
+    reach past the border; COCO results and drawings stay inside it)."""
+    h, w = hw
+    boxes = dets["boxes"].clone()
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+    return {**dets, "boxes": boxes}
+
+
+def to_records(dets: dict[str, torch.Tensor], image_id: int, l2c: dict[int, int]) -> list[dict]:
+    """COCO results records (bbox xywh); with `std_xyxy_px` and `entropy` (UGS) each record also
+    gets `uncertainty: {std_xyxy_px, entropy}` as in evaluation results (docs/conventions.md)."""
+    records = []
+    has_uncertainty = "std_xyxy_px" in dets and "entropy" in dets
+    for j, ((x0, y0, x1, y1), score, label) in enumerate(zip(dets["boxes"].tolist(), dets["scores"].tolist(),
+                                                              dets["labels"].tolist())):
+        rec = {"image_id": image_id, "category_id": int(l2c.get(int(label), int(label))),
+               "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)}
+        if has_uncertainty:
+            rec["uncertainty"] = {"std_xyxy_px": [float(v) for v in dets["std_xyxy_px"][j].tolist()],
+                                  "entropy": float(dets["entropy"][j])}
+        records.append(rec)
+    return records
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from models import build_model
@@ -134,6 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
+    if args.slice and cfg.ugs.enabled:
+        print("note: --slice merges the tiles' boxes, scores and labels only; results.json carries no "
+              "per-box uncertainty (whole-image mode does)")
     records, image_list = [], []
     for image_id, path in enumerate(args.images, start=1):
         image = read_image(path)
@@ -155,19 +192,18 @@ def main(argv: list[str] | None = None) -> int:
             dets = detect(model, postprocessor, [x], [(h, w)], args.device, 1)[0]
             order = torch.argsort(dets["scores"], descending=True)[:max_dets]
             dets = {k: v[order] for k, v in dets.items()}
-        for box, score, label in zip(dets["boxes"].tolist(), dets["scores"].tolist(), dets["labels"].tolist()):
-            x0, y0, x1, y1 = box
-            records.append({"image_id": image_id, "category_id": int(l2c.get(int(label), int(label))),
-                            "bbox": [x0, y0, x1 - x0, y1 - y0], "score": float(score)})
+        dets = clip_to_image(dets, (h, w))
+        records.extend(to_records(dets, image_id, l2c))
         image_list.append({"id": image_id, "file_name": str(path), "height": int(h), "width": int(w)})
         kept = int((dets["scores"] >= threshold).sum())
         print(f"{path}: {len(dets['scores'])} detections ({kept} >= {threshold})"
               + (f", {len(tiles)} tiles of {args.slice} px merged by {args.merge}" if args.slice else ""))
         if not args.no_draw:
             draw_image_detections(image, dets["boxes"], dets["scores"], dets["labels"],
-                                  out / f"{Path(path).stem}_det.png", threshold, names or None)
-    (out / "results.json").write_text(json.dumps(records))
-    (out / "images.json").write_text(json.dumps(image_list, indent=1))
+                                  out / f"{Path(path).stem}_det.png", threshold, names or None,
+                                  title=Path(path).name)
+    write_json_atomic(out / "results.json", records, indent=None)
+    write_json_atomic(out / "images.json", image_list, indent=1)
     print(f"wrote {out / 'results.json'} ({len(records)} detections) and {out / 'images.json'}")
     return 0
 

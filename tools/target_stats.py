@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Iterable
@@ -329,7 +328,8 @@ def report_text(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="named config or .py/.json path")
-    ap.add_argument("--opt", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides")
     ap.add_argument("--batches", type=int, default=8, help="training batches to measure")
     ap.add_argument("--checkpoint", type=Path, help="model weights (official layout or ours)")
     ap.add_argument("--train-steps", type=int, default=0,
@@ -345,7 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     if not any(r["n"] for r in result["records"]):
         print("warning: no matched targets (empty images?)", file=sys.stderr)
     if args.json:
-        print(json.dumps(result, default=lambda v: None if isinstance(v, float) and not math.isfinite(v) else v))
+        from util.logging import json_safe  # NaN -> null (json.dumps' default= never sees floats)
+
+        print(json.dumps(json_safe(result), allow_nan=False))
     return 0
 
 

@@ -191,11 +191,12 @@ def _select(detections: list[dict], image_id: int | None, min_score: float,
     return kept, len(chosen) - len(kept)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--detections", type=Path, help="COCO results JSON with per-detection uncertainty")
     ap.add_argument("--config", help="with --checkpoint: run this UGS config on --image (no JSON needed)")
-    ap.add_argument("--opt", action="append", default=[], help="config override key=value (repeatable)")
+    ap.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
+                    help="dotted config overrides, as in main.py: several after one --opt, or --opt repeated")
     ap.add_argument("--checkpoint", type=Path,
                     help="UGS-DINO weights ({'model': state_dict} or a bare state dict)")
     ap.add_argument("--image", type=Path, help="the image the detections belong to (default: synthetic)")
@@ -210,7 +211,11 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: so that the long side is at least 800 px)")
     ap.add_argument("--demo", action="store_true", help="draw synthetic detections (no JSON needed)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     h, w = args.image_size
     image = _load_image(args.image) if args.image else synthetic_image(h, w)

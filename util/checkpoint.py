@@ -8,10 +8,12 @@
   loaded, missing, unexpected, ignored, re-initialised (class-count change, UGS bin head) and
   skipped. Any other shape mismatch is an error naming the tensor and both shapes.
 - `export_safetensors` writes weights only, keeping the official key layout (aliases cloned).
+- `prune_epoch_checkpoints` keeps the newest `runtime.keep_checkpoints` per-epoch copies.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import pickle
 import random
@@ -123,6 +125,33 @@ def save_training_checkpoint(output_dir: str | Path, state: Mapping[str, Any], i
                 shutil.copyfileobj(src, fh, length=16 << 20)
         _atomic_write(output_dir / "checkpoint_best.pth", copy)
     return last
+
+
+EPOCH_CHECKPOINT_RE = re.compile(r"checkpoint_epoch(\d+)\.pth")
+
+
+def prune_epoch_checkpoints(output_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` `checkpoint_epochNNNN.pth` files (oldest epoch first).
+
+    `runtime.keep_checkpoints`: each copy holds the optimizer state, so a long run would fill the
+    disk. checkpoint_last.pth and checkpoint_best.pth are never touched; keep < 0 keeps every copy.
+    Returns the deleted paths.
+    """
+    if keep < 0:
+        return []
+    found = []
+    for path in Path(output_dir).glob("checkpoint_epoch*.pth"):
+        match = EPOCH_CHECKPOINT_RE.fullmatch(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    found.sort()
+    doomed = [path for _, path in found[:max(len(found) - keep, 0)]]
+    for path in doomed:
+        path.unlink()
+    if doomed:
+        logging.getLogger(__name__).info("runtime.keep_checkpoints=%d: removed %s", keep,
+                                         ", ".join(p.name for p in doomed))
+    return doomed
 
 
 def find_resume_checkpoint(output_dir: str | Path) -> Path | None:

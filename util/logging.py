@@ -6,6 +6,8 @@ Files in the run directory (all appended to, so a resumed run continues the same
   skipped non-finite steps appear with `"skipped": true` and the image ids.
 - `metrics_history.jsonl`: one object per evaluation (`epoch`, `step`, AP...).
 - `metrics.json`: the latest evaluation (overwritten atomically).
+Numbers that are undefined (NaN, e.g. APl without large objects) or infinite are written as
+`null` in every file, as `tools/evaluate.py --json` does.
 Only the main process writes; the other processes get no-op loggers.
 """
 from __future__ import annotations
@@ -35,18 +37,25 @@ def setup_console_logging(is_main: bool) -> None:
     root.setLevel(logging.INFO if is_main else logging.WARNING)
 
 
-def _json_value(v: Any) -> Any:
-    if hasattr(v, "item"):
-        v = v.item()
+def json_safe(v: Any) -> Any:
+    """`v` with tensors / numpy scalars as Python numbers and NaN / inf as None: strict JSON has no
+    NaN, and `null` is what every JSON reader (and tools/evaluate.py --json) understands as missing."""
+    if hasattr(v, "tolist") and not isinstance(v, (list, tuple, dict)):  # tensors, numpy values
+        v = v.tolist()
     if isinstance(v, float) and not math.isfinite(v):
-        return str(v)  # JSON has no NaN/inf; keep them visible as strings
+        return None
+    if isinstance(v, dict):
+        return {k: json_safe(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [json_safe(x) for x in v]
     return v
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> None:
+def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 2) -> None:
+    """Strict JSON (NaN / inf written as null) via a temporary file and a rename."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(json_safe(obj), indent=indent, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 
@@ -57,10 +66,21 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-class RunLogger:
-    """Appends step records and evaluation metrics; mirrors scalars to TensorBoard if installed."""
+def tensorboard_installed() -> bool:
+    """Whether the tensorboard package can be imported (without importing it)."""
+    import importlib.util
 
-    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool = True,
+    return importlib.util.find_spec("tensorboard") is not None
+
+
+class RunLogger:
+    """Appends step records and evaluation metrics; mirrors scalars to TensorBoard.
+
+    `tensorboard`: None mirrors when the package is installed (silently off otherwise), True
+    asks for it (a warning if it cannot start), False never mirrors.
+    """
+
+    def __init__(self, output_dir: str | Path, enabled: bool = True, tensorboard: bool | None = None,
                  truncate_after_step: int | None = None) -> None:
         self.enabled = enabled
         self.dir = Path(output_dir)
@@ -76,12 +96,16 @@ class RunLogger:
             # fresh run (-1) drops them all instead of appending to an earlier run's curves.
             self._truncate(self.step_path, "step", truncate_after_step)
             self._truncate(self.history_path, "step", truncate_after_step)
+        if tensorboard is None:
+            tensorboard = tensorboard_installed()
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
                 self._tb = SummaryWriter(log_dir=str(self.dir / "tensorboard"))
-            except Exception:  # tensorboard is optional  # noqa: BLE001
-                log.info("TensorBoard logging off: the tensorboard package is not installed")
+            except Exception as exc:  # noqa: BLE001 - any failure only turns the mirror off
+                log.warning("runtime.tensorboard=true but TensorBoard cannot start (%s: %s); install "
+                            "it (pip install tensorboard) or set runtime.tensorboard=null (on when "
+                            "installed)", type(exc).__name__, exc)
                 self._tb = None
 
     @staticmethod
@@ -98,9 +122,9 @@ class RunLogger:
     def log_step(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        record = {k: _json_value(v) for k, v in record.items()}
+        record = {k: json_safe(v) for k, v in record.items()}
         with self.step_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         if self._tb is not None:
             step = int(record.get("step", 0))
             for k, v in record.items():
@@ -110,9 +134,9 @@ class RunLogger:
     def log_metrics(self, metrics: dict[str, Any], epoch: int, step: int) -> None:
         if not self.enabled:
             return
-        record = {"epoch": epoch, "step": step, **{k: _json_value(v) for k, v in metrics.items()}}
+        record = {"epoch": epoch, "step": step, **{k: json_safe(v) for k, v in metrics.items()}}
         with self.history_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(json.dumps(record, allow_nan=False) + "\n")
         write_json_atomic(self.dir / "metrics.json", record)
         if self._tb is not None:
             for k, v in record.items():
