@@ -241,7 +241,8 @@ class SwinTransformer(nn.Module):
         self.out_indices = list(out_indices)
         self.frozen_stages = frozen_stages
         self.patch_embed = PatchEmbed(embed_dim)
-        drop_paths = torch.linspace(0, drop_path_rate, sum(depths)).tolist()
+        # official rule (float32 linspace); on the host even when building on the meta device
+        drop_paths = torch.linspace(0, drop_path_rate, sum(depths), device="cpu").tolist()
         self.num_features = [embed_dim * 2 ** i for i in range(len(depths))]
         self.layers = nn.ModuleList()
         for i, depth in enumerate(depths):
@@ -289,3 +290,31 @@ def build_swin(name: str, out_indices: Sequence[int], frozen_stages: int = -1,
     return SwinTransformer(v.embed_dim, v.depths, v.num_heads, v.window_size, out_indices=out_indices,
                            drop_path_rate=drop_path_rate, frozen_stages=frozen_stages,
                            use_checkpoint=use_checkpoint, pretrain_img_size=v.pretrain_img_size)
+
+
+def load_imagenet_swin(model: SwinTransformer, path: str) -> str:
+    """Load an ImageNet Swin classification checkpoint (`{'model': state_dict}`, the layout of
+    `swin_large_patch4_window12_384_22k.pth`) into the backbone alone, as the official `backbone_dir`.
+
+    `head.*` (the classifier) is dropped; the classifier's fixed-size `attn_mask` buffers are ignored
+    (the masks are rebuilt for every input size here); its final `norm` is reported unused and the
+    per-stage `norm{i}` keep their fresh initialisation. Returns the import report; a tensor of
+    another shape (e.g. a window-7 checkpoint for a window-12 model) is an error naming it.
+    """
+    from util.checkpoint import CheckpointError, extract_state_dict, import_weights, load_checkpoint
+
+    state = extract_state_dict(load_checkpoint(path))
+    if not any(k.startswith("patch_embed.") for k in state):
+        hint = (" (it looks like a DINO checkpoint: start from it with --pretrained / "
+                "tools/import_official.py instead)" if any(k.startswith("backbone.0.") for k in state) else "")
+        raise CheckpointError(f"model.backbone_weights={path}: no Swin backbone tensors ('patch_embed.*') "
+                              f"found{hint}")
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    ignored = sorted(k for k in state if k.endswith(".attn_mask"))
+    state = {k: v for k, v in state.items() if k not in ignored}
+    try:
+        report = import_weights(model, state)
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.backbone_weights={path}: {exc}") from None
+    report.ignored.extend(ignored)
+    return f"ImageNet Swin weights {path}:\n{report}"
