@@ -315,6 +315,8 @@ def load_imagenet_swin(model: SwinTransformer, path: str) -> str:
     try:
         report = import_weights(model, state)
     except CheckpointError as exc:
-        raise CheckpointError(f"model.backbone_weights={path}: {exc}") from None
+        reason = str(exc).split("; pass skip_mismatched")[0]
+        raise CheckpointError(f"model.backbone_weights={path}: {reason}; the checkpoint is for another Swin "
+                              "variant than model.backbone (window size and widths must match)") from None
     report.ignored.extend(ignored)
     return f"ImageNet Swin weights {path}:\n{report}"
