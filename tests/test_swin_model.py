@@ -174,3 +174,13 @@ def test_imagenet_swin_checkpoint_loads_into_the_backbone_alone(tmp_path, capsys
     torch.save({"model": {f"backbone.0.{k}": v for k, v in state.items()}}, tmp_path / "dino.pth")
     with pytest.raises(CheckpointError, match="--pretrained"):
         build_backbone("swin_T_224_1k", [1, 2, 3], 32, 20.0, 20.0, str(tmp_path / "dino.pth"))
+
+
+def test_import_tool_refuses_an_imagenet_swin_checkpoint(tmp_path, capsys):
+    from tools.import_official import main
+
+    path = tmp_path / "swin_large_patch4_window12_384_22k.pth"
+    torch.save({"model": {"patch_embed.proj.weight": torch.zeros(192, 3, 4, 4), "head.weight": torch.zeros(2, 2)}},
+               path)
+    assert main([str(path), str(tmp_path / "out"), "--config", "dino_5scale_swinl_coco"]) == 2
+    assert f"--opt model.backbone_weights={path}" in capsys.readouterr().err
