@@ -103,3 +103,22 @@ def test_official_names_and_channels():
     assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and len(rates) == 24
     with pytest.raises(ValueError, match="swin_S"):
         build_swin("swin_S_224_1k", [0, 1, 2, 3])
+
+
+def test_check_official_follows_the_fixture_out_indices(tmp_path, capsys):
+    """The 4-scale form of the same official model (out_indices 1-3: no norm0, outputs renumbered
+    from 0, as the official forward numbers them) is built from config.json and passes."""
+    fixture = tmp_path / "swin_4scale"
+    fixture.mkdir()
+    config = json.loads((SWIN_FIXTURE / "config.json").read_text())
+    config["out_indices"] = [1, 2, 3]
+    (fixture / "config.json").write_text(json.dumps(config))
+    state = torch.load(SWIN_FIXTURE / "state_dict.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("norm0.")}, fixture / "state_dict.pt")
+    outputs = torch.load(SWIN_FIXTURE / "outputs.pt", weights_only=True)
+    torch.save({str(i): outputs[str(i + 1)] for i in range(3)}, fixture / "outputs.pt")
+    (fixture / "inputs.pt").symlink_to((SWIN_FIXTURE / "inputs.pt").resolve())
+    rc = main([str(fixture), "--json"])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rc == 0 and summary["pass"], summary
+    assert set(summary["tensors"]) == {f"swin.{i}.{k}" for i in range(3) for k in ("tensors", "mask")}

@@ -184,3 +184,16 @@ def test_import_tool_refuses_an_imagenet_swin_checkpoint(tmp_path, capsys):
                path)
     assert main([str(path), str(tmp_path / "out"), "--config", "dino_5scale_swinl_coco"]) == 2
     assert f"--opt model.backbone_weights={path}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dataset", ["coco", "coco_ugs", "visdrone", "visdrone_ugs"])
+def test_swin_l_configs_are_the_r50_ones_with_the_swin_l_backbone(dataset):
+    from configs import to_dict
+
+    swin, r50 = to_dict(load_config(f"dino_5scale_swinl_{dataset}")), to_dict(load_config(f"dino_5scale_r50_{dataset}"))
+    changed = {f"{section}.{k}" for section in r50 if isinstance(r50[section], dict)
+               for k in r50[section] if r50[section][k] != swin[section][k]}
+    assert changed == {"model.backbone", "model.backbone_weights", "model.backbone_use_checkpoint"}
+    assert swin["model"]["backbone"] == "swin_L_384_22k" and swin["model"]["return_interm_indices"] == [0, 1, 2, 3]
+    assert swin["optim"]["lr_backbone"] == 1e-5 and swin["optim"]["lr_backbone_names"] == ["backbone.0"]
+    assert swin["name"] == f"dino_5scale_swinl_{dataset}"
