@@ -303,7 +303,10 @@ def load_imagenet_swin(model: SwinTransformer, path: str) -> str:
     """
     from util.checkpoint import CheckpointError, extract_state_dict, import_weights, load_checkpoint
 
-    state = extract_state_dict(load_checkpoint(path))
+    try:
+        state = extract_state_dict(load_checkpoint(path))
+    except CheckpointError as exc:
+        raise CheckpointError(f"model.backbone_weights: {exc}") from None
     if not any(k.startswith("patch_embed.") for k in state):
         hint = (" (it looks like a DINO checkpoint: start from it with --pretrained / "
                 "tools/import_official.py instead)" if any(k.startswith("backbone.0.") for k in state) else "")

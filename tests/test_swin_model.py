@@ -170,6 +170,8 @@ def test_imagenet_swin_checkpoint_loads_into_the_backbone_alone(tmp_path, capsys
     # a window-12 model cannot take window-7 tables: one error naming the tensor and the field
     with pytest.raises(CheckpointError, match="model.backbone_weights=.*shape mismatch for 'patch_embed.proj.weight'.*another Swin variant"):
         build_backbone("swin_B_384_22k", [1, 2, 3], 32, 20.0, 20.0, str(path))
+    with pytest.raises(CheckpointError, match="model.backbone_weights: checkpoint .*missing.pth does not exist"):
+        build_backbone("swin_T_224_1k", [1, 2, 3], 32, 20.0, 20.0, str(tmp_path / "missing.pth"))
     # a DINO checkpoint given as backbone weights: pointed to --pretrained
     torch.save({"model": {f"backbone.0.{k}": v for k, v in state.items()}}, tmp_path / "dino.pth")
     with pytest.raises(CheckpointError, match="--pretrained"):
