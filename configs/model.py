@@ -98,9 +98,11 @@ class ModelConfig:
                               f"ImageNet Swin checkpoint (.pth) or none, not the torchvision name "
                               f"'{self.backbone_weights}'")
         if self.backbone_frozen_stages < -1 or self.backbone_frozen_stages > 4:
-            raise ConfigError(f"model.backbone_frozen_stages must be in -1..4, got {self.backbone_frozen_stages}")
+            raise ConfigError("model.backbone_frozen_stages must be in -1..4, got "
+                              f"{self.backbone_frozen_stages}")
         if not 0.0 <= self.backbone_drop_path_rate < 1.0:
-            raise ConfigError(f"model.backbone_drop_path_rate must be in [0, 1), got {self.backbone_drop_path_rate}")
+            raise ConfigError("model.backbone_drop_path_rate must be in [0, 1), got "
+                              f"{self.backbone_drop_path_rate}")
         idx = self.return_interm_indices
         too_deep = bool(idx) and idx[-1] > 3 and not name.startswith("timm:")
         if not idx or sorted(set(idx)) != list(idx) or idx[0] < 0 or too_deep:

@@ -109,7 +109,8 @@ class WindowAttention(nn.Module):
     def forward(self, windows: Tensor, shift_mask: Tensor | None) -> Tensor:
         """windows (B * nW, N, C); shift_mask (nW, N, N) additive, or None for unshifted windows."""
         bw, n, c = windows.shape
-        q, k, v = self.qkv(windows).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        qkv = self.qkv(windows).reshape(bw, n, 3, self.num_heads, c // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         bias = bias.reshape(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
         if shift_mask is None:
@@ -117,7 +118,7 @@ class WindowAttention(nn.Module):
         else:  # window j of every image gets shift_mask[j]
             nw = shift_mask.shape[0]
             attn_bias = bias.unsqueeze(0) + shift_mask.unsqueeze(1)
-            attn_bias = attn_bias.unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
+            attn_bias = attn_bias.expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
@@ -308,8 +309,9 @@ def load_imagenet_swin(model: SwinTransformer, path: str) -> str:
     except CheckpointError as exc:
         raise CheckpointError(f"model.backbone_weights: {exc}") from None
     if not any(k.startswith("patch_embed.") for k in state):
+        is_dino = any(k.startswith("backbone.0.") for k in state)
         hint = (" (it looks like a DINO checkpoint: start from it with --pretrained / "
-                "tools/import_official.py instead)" if any(k.startswith("backbone.0.") for k in state) else "")
+                "tools/import_official.py instead)" if is_dino else "")
         raise CheckpointError(f"model.backbone_weights={path}: no Swin backbone tensors ('patch_embed.*') "
                               f"found{hint}")
     state = {k: v for k, v in state.items() if not k.startswith("head.")}

@@ -54,7 +54,8 @@ def test_float32_rounding_passes_and_a_tiny_input_perturbation_fails(shared_or_l
         value = criterion["losses"][key].double()
         criterion["losses"][key] = value + 2 * torch.finfo(torch.float32).eps * max(abs(float(value)), 1.0)
     rc, summary = run(copy_with(fixture, tmp_path / "rounded", {"criterion.pt": criterion}), capsys)
-    assert rc == 0 and summary["pass"], {k: v for k, v in summary["tensors"].items() if v == "inf" or v > 1e-10}
+    failing = {k: v for k, v in summary["tensors"].items() if v == "inf" or v > 1e-10}
+    assert rc == 0 and summary["pass"], failing
     assert summary["tensors"]["losses.class_error"] > 1e-7  # really compared with the float32 tolerance
 
     # one input pixel moved by 1e-7: every output moves by far less than 1e-6, yet the check fails

@@ -69,8 +69,8 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
     official = nested = None
     if args.official_repo:
         official_cls, nested = official_swin_class(args.official_repo)
-        official = official_cls(pretrain_img_size=config["pretrain_img_size"], out_indices=tuple(config["out_indices"]),
-                                **kwargs)
+        official = official_cls(pretrain_img_size=config["pretrain_img_size"],
+                                out_indices=tuple(config["out_indices"]), **kwargs)
         official.load_state_dict(state)
     results = {}
     for dtype in (torch.float64, torch.float32):
@@ -84,7 +84,8 @@ def cpu_benchmark(args: argparse.Namespace) -> dict:
             row["official_ms"] = median_ms(lambda: ref_model(batch), args.iters, args.warmup)  # noqa: B023
             with torch.no_grad():
                 ours_out, ref_out = model(images), ref_model(batch)
-            row["max_abs_diff"] = max(float((o - ref_out[i].tensors).abs().max()) for i, o in enumerate(ours_out))
+            row["max_abs_diff"] = max(float((o - ref_out[i].tensors).abs().max())
+                                      for i, o in enumerate(ours_out))
         name = str(dtype).replace("torch.", "")
         results[name] = row
         print(f"{name}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()), flush=True)
@@ -99,7 +100,8 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
     device = torch.device("cuda")
     model, criterion, _ = build_model(load_config("dino_5scale_swinl_coco"))
     model.to(device)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=1e-4)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=1e-4)
     batch = make_batch(2, 800, 1333, 20, device)
     results: dict = {"gpu": torch.cuda.get_device_name(device), "train": {}}
     for bf16 in (False, True):
@@ -115,10 +117,12 @@ def gpu_benchmark(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny fixture Swin forward on the CPU")
     parser.add_argument("--gpu", action="store_true", help="Swin-L DINO-5scale training step on a GPU")
-    parser.add_argument("--official-repo", type=Path, help="IDEA-Research/DINO checkout to time the official Swin")
+    parser.add_argument("--official-repo", type=Path,
+                        help="IDEA-Research/DINO checkout to time the official Swin")
     parser.add_argument("--iters", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)

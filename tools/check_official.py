@@ -321,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             diffs = check_swin_fixture(args.fixture_dir)
         else:
             diffs = check_fixture(args.fixture_dir)
-            official_magnitudes("losses", load_trusted(args.fixture_dir / "criterion.pt")["losses"], magnitudes)
+            reference = load_trusted(args.fixture_dir / "criterion.pt")
+            official_magnitudes("losses", reference["losses"], magnitudes)
     except (InputError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -36,9 +36,9 @@ def detector_state_dict(checkpoint: dict, path: str) -> dict:
     state_dict = extract_state_dict(checkpoint)
     if not any(k.startswith("backbone.") for k in state_dict) and \
             any(k.startswith(("patch_embed.", "head.")) for k in state_dict):
-        raise CheckpointError(f"{path} is an ImageNet backbone checkpoint, not a DINO one; train from it with "
-                              f"--opt model.backbone_weights={path} (Swin backbones, loaded into the "
-                              "backbone alone)")
+        raise CheckpointError(f"{path} is an ImageNet backbone checkpoint, not a DINO one; train from it "
+                              f"with --opt model.backbone_weights={path} (Swin backbones, loaded into "
+                              "the backbone alone)")
     return state_dict
 
 
