@@ -75,6 +75,10 @@ def test_swin_fixture_with_wrong_architecture_is_input_error(tmp_path, capsys):
     (fixture / "config.json").write_text(json.dumps(config))
     assert main([str(fixture)]) == 2
     assert "relative_position_bias_table" in capsys.readouterr().err
+    config.update(window_size=7, mlp_ratio=2.0)  # an official option we do not implement
+    (fixture / "config.json").write_text(json.dumps(config))
+    assert main([str(fixture)]) == 2
+    assert "mlp_ratio=2.0 (supported: 4.0)" in capsys.readouterr().err
 
 
 @pytest.mark.slow

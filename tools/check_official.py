@@ -47,6 +47,10 @@ FLOAT32_ULPS = 4
 FIXTURE_FILES = ("config.json", "checkpoint.pth", "inputs.pt", "outputs_eval.pt", "criterion.pt")
 SWIN_FIXTURE_FILES = ("config.json", "state_dict.pt", "inputs.pt", "outputs.pt")
 SWIN_OFFICIAL_CLASS = "SwinTransformer"
+# Official SwinTransformer arguments that every official DINO Swin leaves at these values.
+SWIN_FIXED_ARGUMENTS = {"patch_size": 4, "in_chans": 3, "mlp_ratio": 4.0, "qkv_bias": True, "qk_scale": None,
+                        "drop_rate": 0.0, "attn_drop_rate": 0.0, "ape": False, "patch_norm": True,
+                        "dilation": False}
 
 
 class InputError(Exception):
@@ -144,6 +148,11 @@ def check_swin_fixture(fixture_dir: Path) -> dict[str, float]:
     absent = [k for k in needed if k not in official]
     if absent:
         raise InputError(f"{fixture_dir / 'config.json'}: missing Swin constructor argument(s) {absent}")
+    other = [f"{k}={official[k]!r} (supported: {v!r})" for k, v in SWIN_FIXED_ARGUMENTS.items()
+             if k in official and official[k] != v]
+    if other:
+        raise InputError(f"{fixture_dir / 'config.json'}: official Swin option(s) this implementation does "
+                         f"not have: {'; '.join(other)}")
     model = SwinTransformer(official["embed_dim"], official["depths"], official["num_heads"],
                             official["window_size"], out_indices=official.get("out_indices", (0, 1, 2, 3)),
                             drop_path_rate=official.get("drop_path_rate", 0.2),
