@@ -113,13 +113,16 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         bias = self.relative_position_bias_table[self.relative_position_index.reshape(-1)]
         bias = bias.reshape(n, n, self.num_heads).permute(2, 0, 1)  # (heads, N, N)
-        if shift_mask is None:
-            attn_bias = bias.unsqueeze(0)  # broadcast over windows
-        else:  # window j of every image gets shift_mask[j]
+        if shift_mask is None:  # one bias for every window
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0).to(q.dtype))
+        else:
+            # window j of every image gets shift_mask[j]: windows are folded into the head dimension
+            # (B, nW * heads, N, d) so that one (1, nW * heads, N, N) mask serves the whole batch
             nw = shift_mask.shape[0]
-            attn_bias = bias.unsqueeze(0) + shift_mask.unsqueeze(1)
-            attn_bias = attn_bias.expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+            attn_bias = (bias.unsqueeze(0) + shift_mask.unsqueeze(1)).reshape(1, nw * self.num_heads, n, n)
+            q, k, v = (t.reshape(bw // nw, nw * self.num_heads, n, -1) for t in (q, k, v))
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_bias.to(q.dtype))
+            out = out.reshape(bw, self.num_heads, n, -1)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 
 
