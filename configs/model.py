@@ -11,18 +11,29 @@ from dataclasses import dataclass, field
 from configs.overrides import ConfigError
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
+# The official DINO Swin backbones, by their official names (models/swin.py SWIN_VARIANTS).
+SWIN_BACKBONES = ("swin_T_224_1k", "swin_B_224_22k", "swin_B_384_22k", "swin_L_224_22k", "swin_L_384_22k")
 
 
 @dataclass
 class ModelConfig:
     # --- backbone ------------------------------------------------------------------------------
-    # torchvision ResNet with frozen batch norm (official key names), or "timm:<model name>"
-    # (timm `features_only`; every backbone parameter then trains).
+    # torchvision ResNet with frozen batch norm (official key names), an official Swin name
+    # (SWIN_BACKBONES, e.g. "swin_L_384_22k"; docs/swin.md), or "timm:<model name>" (timm
+    # `features_only`; every backbone parameter then trains).
     backbone: str = "resnet50"
-    # torchvision weights enum name loaded at build time (official: ImageNet); None = random
-    # init (enough when an official DINO checkpoint is loaded afterwards). For timm: any value
-    # means "pretrained=True".
+    # ResNet: torchvision weights enum name loaded at build time (official: ImageNet). Swin: path
+    # of an ImageNet Swin checkpoint (official release layout, e.g.
+    # swin_large_patch4_window12_384_22k.pth), loaded into the backbone alone. timm: any value means
+    # "pretrained=True". None = random init (enough when an official DINO checkpoint is loaded
+    # afterwards with --pretrained).
     backbone_weights: str | None = "IMAGENET1K_V1"
+    # Swin only (official options): stages kept frozen (-1 none, 0 the patch embedding, k >= 2 also
+    # stages 0..k-2), stochastic depth of the last block (linear from 0), and activation
+    # checkpointing of every Swin block (the official Swin-L configs train with it).
+    backbone_frozen_stages: int = -1
+    backbone_drop_path_rate: float = 0.2
+    backbone_use_checkpoint: bool = False
     # Backbone stages fed to the transformer: 0..3 = layer1..layer4 (strides 4..32).
     return_interm_indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3])
     # Sine encoding of feature maps: temperature 20 on both axes (not 10000).
@@ -78,9 +89,20 @@ class ModelConfig:
     def check(self) -> None:
         """Validate after overrides; each error names the field."""
         name = self.backbone
-        if not (name in TORCHVISION_BACKBONES or (name.startswith("timm:") and len(name) > 5)):
-            raise ConfigError(f"model.backbone: '{name}' is not one of {list(TORCHVISION_BACKBONES)} "
-                              "or 'timm:<model name>'")
+        known = TORCHVISION_BACKBONES + SWIN_BACKBONES
+        if not (name in known or (name.startswith("timm:") and len(name) > 5)):
+            raise ConfigError(f"model.backbone: '{name}' is not one of {list(known)} or 'timm:<model name>'")
+        if name in SWIN_BACKBONES and self.backbone_weights is not None and \
+                self.backbone_weights.upper().startswith("IMAGENET1K"):
+            raise ConfigError(f"model.backbone_weights: for the Swin backbone '{name}' give the path of an "
+                              f"ImageNet Swin checkpoint (.pth) or none, not the torchvision name "
+                              f"'{self.backbone_weights}'")
+        if self.backbone_frozen_stages < -1 or self.backbone_frozen_stages > 4:
+            raise ConfigError("model.backbone_frozen_stages must be in -1..4, got "
+                              f"{self.backbone_frozen_stages}")
+        if not 0.0 <= self.backbone_drop_path_rate < 1.0:
+            raise ConfigError("model.backbone_drop_path_rate must be in [0, 1), got "
+                              f"{self.backbone_drop_path_rate}")
         idx = self.return_interm_indices
         too_deep = bool(idx) and idx[-1] > 3 and not name.startswith("timm:")
         if not idx or sorted(set(idx)) != list(idx) or idx[0] < 0 or too_deep:

@@ -20,6 +20,7 @@ from configs.schema import Config
 # official key -> (section, field)
 _MAPPED: dict[str, tuple[str, str]] = {
     "backbone": ("model", "backbone"),
+    "use_checkpoint": ("model", "backbone_use_checkpoint"),  # official: Swin block checkpointing
     "return_interm_indices": ("model", "return_interm_indices"),
     "pe_temperatureH": ("model", "pe_temperature_h"),
     "pe_temperatureW": ("model", "pe_temperature_w"),
@@ -120,7 +121,7 @@ _IGNORED = {
     "num_workers", "resume", "pretrain_model_path", "finetune_ignore", "start_epoch", "eval", "test",
     "find_unused_params", "save_log", "save_results", "debug", "note", "config_file", "options",
     "world_size", "dist_url", "rank", "local_rank", "gpu", "dist_backend", "distributed", "amp",
-    "save_checkpoint_interval", "backbone_dir", "use_checkpoint",  # official: backbone (Swin) checkpointing only
+    "save_checkpoint_interval", "backbone_dir",  # ImageNet weights: an official checkpoint replaces them
     "box_attn_type", "dln_xy_noise", "dln_hw_noise",  # only used by disabled options
     "mask_loss_coef", "dice_loss_coef", "enc_loss_coef",  # masks off; enc loss = interm loss in DINO
     "match_unstable_error", "ema_epoch", "dataset_file", "num_select_used_for_fixture",

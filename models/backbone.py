@@ -1,9 +1,11 @@
-"""Backbone: ResNet with frozen batch norm (official names) or a timm `features_only` model.
+"""Backbone: ResNet with frozen batch norm (official names), an official-layout Swin Transformer
+(models/swin.py), or a timm `features_only` model.
 
 Module layout matches the official checkpoint: `backbone` is a 2-element Sequential (the
-official `Joiner`) whose index 0 holds the network under `body` (torchvision names, e.g.
-`backbone.0.body.layer1.0.conv1.weight`) and whose index 1 is the parameter-free position
-encoder. See docs/dino.md, "Backbone".
+official `Joiner`) whose index 1 is the parameter-free position encoder and whose index 0 holds
+the network: a ResNet under `body` (torchvision names, e.g. `backbone.0.body.layer1.0.conv1.weight`),
+a Swin directly (`backbone.0.patch_embed.proj.weight`, `backbone.0.norm3.bias`). See docs/dino.md,
+"Backbone", and docs/swin.md.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import torchvision
 from torch import Tensor, nn
 
 from models.position_encoding import PositionEmbeddingSine
+from models.swin import SWIN_VARIANTS, build_swin, load_imagenet_swin
 
 
 class FrozenBatchNorm2d(nn.Module):
@@ -111,7 +114,7 @@ class Backbone(nn.Sequential):
     lists over returned stages: features (B, C_l, h_l, w_l), masks (B, h_l, w_l), pos (B, d, h_l, w_l).
     """
 
-    def __init__(self, body: BackboneBody, position_encoding: PositionEmbeddingSine) -> None:
+    def __init__(self, body: nn.Module, position_encoding: PositionEmbeddingSine) -> None:
         super().__init__(body, position_encoding)
         self.num_channels = body.num_channels
 
@@ -123,12 +126,23 @@ class Backbone(nn.Sequential):
 
 
 def build_backbone(name: str, return_interm_indices: Sequence[int], hidden_dim: int,
-                   temperature_h: float, temperature_w: float, weights: str | None) -> Backbone:
-    """`name` is a torchvision ResNet ('resnet50') or 'timm:<model>' (ImageNet weights if `weights`)."""
+                   temperature_h: float, temperature_w: float, weights: str | None, *,
+                   frozen_stages: int = -1, use_checkpoint: bool = False,
+                   drop_path_rate: float = 0.2) -> Backbone:
+    """`name` is a torchvision ResNet ('resnet50'; `weights` a torchvision weights name), an official
+    Swin name ('swin_L_384_22k'; `weights` the path of an ImageNet Swin checkpoint, and
+    `frozen_stages`, `use_checkpoint`, `drop_path_rate` as the official Swin) or 'timm:<model>'
+    (ImageNet weights if `weights`)."""
+    position_encoding = PositionEmbeddingSine(hidden_dim // 2, temperature_h, temperature_w)
+    if name in SWIN_VARIANTS:
+        swin = build_swin(name, return_interm_indices, frozen_stages=frozen_stages,
+                          use_checkpoint=use_checkpoint, drop_path_rate=drop_path_rate)
+        if weights is not None:
+            print(load_imagenet_swin(swin, weights), flush=True)
+        return Backbone(swin, position_encoding)
     if name.startswith("timm:"):
         body, channels = timm_body(name[len("timm:"):], return_interm_indices, pretrained=weights is not None)
     else:
         body = ResNetBody(name, return_interm_indices, weights)
         channels = body.num_channels
-    position_encoding = PositionEmbeddingSine(hidden_dim // 2, temperature_h, temperature_w)
     return Backbone(BackboneBody(body, channels), position_encoding)

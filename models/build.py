@@ -20,7 +20,8 @@ def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO: 
     constructor arguments (UGS-DINO: models/ugs_build.py passes UGSDINO and its grids).
     """
     backbone = build_backbone(m.backbone, m.return_interm_indices, m.hidden_dim, m.pe_temperature_h,
-                              m.pe_temperature_w, m.backbone_weights)
+                              m.pe_temperature_w, m.backbone_weights, frozen_stages=m.backbone_frozen_stages,
+                              use_checkpoint=m.backbone_use_checkpoint, drop_path_rate=m.backbone_drop_path_rate)
     input_proj = InputProjection(backbone.num_channels, m.hidden_dim, m.num_feature_levels)
     layer_args = (m.hidden_dim, m.dim_feedforward, m.dropout, m.num_feature_levels, m.nheads)
     encoder = Encoder([EncoderLayer(*layer_args, m.enc_n_points) for _ in range(m.enc_layers)],

@@ -28,6 +28,20 @@ from util.checkpoint import (CheckpointError, export_safetensors, extract_state_
                              import_weights, load_checkpoint)
 
 
+def detector_state_dict(checkpoint: dict, path: str) -> dict:
+    """The DINO state dict of an official checkpoint (`{'model': ...}`, `module.` stripped).
+
+    An ImageNet backbone checkpoint (Swin's `{'model': {'patch_embed.*', 'layers.*', 'head.*'}}`) is
+    not a detector: it is refused with the way to use it (`model.backbone_weights`)."""
+    state_dict = extract_state_dict(checkpoint)
+    if not any(k.startswith("backbone.") for k in state_dict) and \
+            any(k.startswith(("patch_embed.", "head.")) for k in state_dict):
+        raise CheckpointError(f"{path} is an ImageNet backbone checkpoint, not a DINO one; train from it "
+                              f"with --opt model.backbone_weights={path} (Swin backbones, loaded into "
+                              "the backbone alone)")
+    return state_dict
+
+
 def resolve_config(checkpoint: dict, official_config: str | None, config: str | None,  # noqa: ANN201
                    overrides: list[str]):
     """Our Config for this checkpoint (see module docstring for the precedence)."""
@@ -68,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         cfg, source = resolve_config(checkpoint, args.official_config, args.config, args.opt)
-        state_dict = extract_state_dict(checkpoint)
+        state_dict = detector_state_dict(checkpoint, args.checkpoint)
         model, _, _ = build_model(cfg)
         report = import_weights(model, state_dict, skip_mismatched=args.skip_mismatched)
     except (CheckpointError, ConfigError) as exc:
