@@ -13,9 +13,8 @@ from tools.check_official import TOLERANCE, main, tolerance_for
 
 
 @pytest.fixture
-def shared_or_local(request) -> Path:  # noqa: ANN001
-    local = Path(__file__).parent / "fixtures" / "dino_official_tiny"
-    return local if local.is_dir() else request.getfixturevalue("shared") / "fixtures" / "dino_official_tiny"
+def dino_fixture(fixtures: Path) -> Path:
+    return fixtures / "dino_official_tiny"
 
 
 def copy_with(fixture: Path, dest: Path, replace: dict[str, object]) -> Path:
@@ -46,8 +45,8 @@ def test_tolerance_follows_the_official_dtype_of_each_term():
 
 
 @pytest.mark.slow
-def test_float32_rounding_passes_and_a_tiny_input_perturbation_fails(shared_or_local, tmp_path, capsys):
-    fixture = shared_or_local
+def test_float32_rounding_passes_and_a_tiny_input_perturbation_fails(dino_fixture, tmp_path, capsys):
+    fixture = dino_fixture
     criterion = torch.load(fixture / "criterion.pt", map_location="cpu", weights_only=False)
     # the official float32 terms rounded as float32 arithmetic rounds them: still a pass
     for key in ("class_error", "cardinality_error_interm"):
