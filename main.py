@@ -275,8 +275,8 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
         if accelerator.is_main_process:
             print(f"--pretrained {args.pretrained}:\n{report}", flush=True)
 
+    from models.build import build_optimizer, build_scheduler
     from util.ema import ModelEMA
-    from util.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)  # per epoch: not prepared by accelerate

@@ -1,11 +1,16 @@
-"""`build_model(cfg) -> (model, criterion, postprocessor)`: the only code that reads `cfg.model`.
+"""`build_model(cfg) -> (model, criterion, postprocessor)`: the only code that reads `cfg.model`;
+`build_optimizer(model, cfg.optim)` and `build_scheduler(optimizer, cfg.optim)`: the only code
+that reads `cfg.optim`'s optimiser fields (util/optim.py takes plain arguments).
 
-It picks the classes up front: DINO, SetCriterion and PostProcess, or with `cfg.ugs.enabled`
+`build_model` picks the classes up front: DINO, SetCriterion and PostProcess, or with `cfg.ugs.enabled`
 UGSDINO and the UGS criterion and post-processor (their arguments: models/ugs_build.py).
 """
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from torch import nn
 
 from models.backbone import build_backbone
 from models.criterion import SetCriterion, expand_weight_dict
@@ -17,6 +22,7 @@ from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
 from models.ugs_build import ugs_parts
 from models.ugs_dino import UGSDINO
+from util.optim import adamw, param_groups, step_schedule
 
 
 def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO:  # noqa: ANN001 - ModelConfig
@@ -58,3 +64,19 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
         return build_dino(m, DINO), criterion, postprocessor
     ugs_kwargs, criterion, postprocessor = ugs_parts(cfg, criterion, postprocessor)
     return build_dino(m, UGSDINO, **ugs_kwargs), criterion, postprocessor
+
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:  # noqa: ANN001 - configs.train.OptimConfig
+    """AdamW with the official parameter groups (util/optim.py) from `optim.*`."""
+    groups = param_groups(model, optim.lr, optim.lr_backbone, optim.lr_backbone_names,
+                          param_dict_type=optim.param_dict_type, linear_proj_names=optim.lr_linear_proj_names,
+                          linear_proj_mult=optim.lr_linear_proj_mult,
+                          box_head_last_mult=optim.lr_box_head_last_mult,
+                          box_head_last_pattern=optim.lr_box_head_last_pattern)
+    return adamw(groups, optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer,
+                    optim) -> torch.optim.lr_scheduler.LRScheduler:  # noqa: ANN001 - OptimConfig
+    """The per-epoch step schedule of `optim.lr_drop` / `lr_drop_list` / `lr_gamma`."""
+    return step_schedule(optimizer, optim.lr_drop, optim.lr_gamma, optim.lr_drop_list)
