@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.utils import set_seed
 
 from configs import Config, ConfigError, dump_config, load_config, to_dict
 from util.checkpoint import capture_rng_state, restore_rng_state
-from util.distributed import seed_everything
 from util.engine import NonFiniteLossError, TrainSettings, TrainState, evaluate, train_one_epoch
 from util.logging import RunLogger, setup_console_logging, write_json_atomic
 from util.precision import set_tf32
@@ -171,7 +171,7 @@ def restore_training(ckpt: dict, path: Path, accelerator: Any, model: torch.nn.M
     else:
         log.warning("--resume %s: saved by %d process(es), running %d; RNG streams are re-seeded, "
                     "so the run continues but not bit-exactly", path, len(rng), accelerator.num_processes)
-        seed_everything(1000 * state.epoch + int(ckpt["config"]["runtime"]["seed"]), accelerator.process_index)
+        set_seed(1000 * state.epoch + int(ckpt["config"]["runtime"]["seed"]), device_specific=True)
 
 
 def save_training(accelerator: Any, ckpt_fn: Callable[[list], dict], out_dir: Path, is_best: bool,
@@ -256,7 +256,9 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
     if cfg.runtime.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     set_tf32(cfg.runtime.tf32)
-    seed_everything(cfg.runtime.seed, accelerator.process_index)
+    # seed + process index in python, numpy and torch (official DINO: processes draw different
+    # augmentations and denoising noise)
+    set_seed(cfg.runtime.seed, device_specific=True)
 
     if build_model_fn is None:
         from models import build_model as build_model_fn
@@ -276,8 +278,8 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
         if accelerator.is_main_process:
             print(f"--pretrained {args.pretrained}:\n{report}", flush=True)
 
+    from models.build import build_optimizer, build_scheduler
     from util.ema import ModelEMA
-    from util.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)  # per epoch: not prepared by accelerate

@@ -89,10 +89,6 @@ class URConfig:
     rho: float = 0.5  # perturbation radius per image and level (L2 over positions and channels)
     levels: list[int] | None = None  # encoder feature levels to perturb; None = all
     eps: float = 1e-12  # in delta = rho g / (||g|| + eps)
-    # the second pass reads the first pass's projected memory + delta W^T (linearity: same result,
-    # one projection GEMM and its input gradient fewer per decoder layer); false recomputes
-    # value_proj(memory + delta) in every layer, as the method is written
-    reuse_projections: bool = True
 
     def check(self) -> None:
         _positive(self.weight, "ugs.ur.weight", allow_zero=True)

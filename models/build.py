@@ -1,7 +1,16 @@
-"""`build_model(cfg) -> (model, criterion, postprocessor)`: the only code that reads `cfg.model`."""
+"""`build_model(cfg) -> (model, criterion, postprocessor)`: the only code that reads `cfg.model`;
+`build_optimizer(model, cfg.optim)` and `build_scheduler(optimizer, cfg.optim)`: the only code
+that reads `cfg.optim`'s optimiser fields (util/optim.py takes plain arguments).
+
+`build_model` picks the classes up front: DINO, SetCriterion and PostProcess, or with `cfg.ugs.enabled`
+UGSDINO and the UGS criterion and post-processor (their arguments: models/ugs_build.py).
+"""
 from __future__ import annotations
 
 from typing import Any
+
+import torch
+from torch import nn
 
 from models.backbone import build_backbone
 from models.criterion import SetCriterion, expand_weight_dict
@@ -11,13 +20,16 @@ from models.encoder import Encoder, EncoderLayer
 from models.input_projection import InputProjection
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
+from models.ugs_build import ugs_parts
+from models.ugs_dino import UGSDINO
+from util.optim import adamw, param_groups, step_schedule
 
 
 def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO:  # noqa: ANN001 - ModelConfig
     """The network alone (no criterion), from a ModelConfig.
 
     `model_cls` builds a DINO variant with the same modules, `variant_kwargs` being its extra
-    constructor arguments (UGS-DINO: models/ugs_build.py passes UGSDINO and its grids).
+    constructor arguments (UGS-DINO: UGSDINO and its grids, from models/ugs_build.py).
     """
     backbone = build_backbone(m.backbone, m.return_interm_indices, m.hidden_dim, m.pe_temperature_h,
                               m.pe_temperature_w, m.backbone_weights, frozen_stages=m.backbone_frozen_stages,
@@ -38,8 +50,7 @@ def build_dino(m, model_cls: type[DINO] = DINO, **variant_kwargs: Any) -> DINO: 
 
 def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCriterion, PostProcess)
     """Model, criterion (official weight_dict) and post-processor (top eval.num_select detections,
-    then NMS at eval.nms_iou_threshold when > 0);
-    with `cfg.ugs.enabled`, their UGS versions (models/ugs_build.py)."""
+    then NMS at eval.nms_iou_threshold when > 0); with `cfg.ugs.enabled`, their UGS versions."""
     m = cfg.model
     m.check()
     matcher = HungarianMatcher(cost_class=m.set_cost_class, cost_bbox=m.set_cost_bbox,
@@ -50,9 +61,23 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
                                      interm_coef=m.interm_loss_coef, no_interm_box_loss=m.no_interm_box_loss)
     criterion = SetCriterion(m.num_classes, matcher, weight_dict, focal_alpha=m.focal_alpha)
     postprocessor = PostProcess(num_select=cfg.eval.num_select, nms_iou_threshold=cfg.eval.nms_iou_threshold)
-    if cfg.ugs.enabled:
-        # imported lazily (it imports the ugs package): UGS-DINO and its criterion/post-processor
-        from models.ugs_build import build_ugs
+    if not cfg.ugs.enabled:
+        return build_dino(m, DINO), criterion, postprocessor
+    ugs_kwargs, criterion, postprocessor = ugs_parts(cfg, criterion, postprocessor)
+    return build_dino(m, UGSDINO, **ugs_kwargs), criterion, postprocessor
 
-        return build_ugs(cfg, criterion, postprocessor)
-    return build_dino(m), criterion, postprocessor
+
+def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:  # noqa: ANN001 - configs.train.OptimConfig
+    """AdamW with the official parameter groups (util/optim.py) from `optim.*`."""
+    groups = param_groups(model, optim.lr, optim.lr_backbone, optim.lr_backbone_names,
+                          param_dict_type=optim.param_dict_type, linear_proj_names=optim.lr_linear_proj_names,
+                          linear_proj_mult=optim.lr_linear_proj_mult,
+                          box_head_last_mult=optim.lr_box_head_last_mult,
+                          box_head_last_pattern=optim.lr_box_head_last_pattern)
+    return adamw(groups, optim.weight_decay)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer,
+                    optim) -> torch.optim.lr_scheduler.LRScheduler:  # noqa: ANN001 - OptimConfig
+    """The per-epoch step schedule of `optim.lr_drop` / `lr_drop_list` / `lr_gamma`."""
+    return step_schedule(optimizer, optim.lr_drop, optim.lr_gamma, optim.lr_drop_list)

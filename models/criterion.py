@@ -69,6 +69,7 @@ from typing import Iterator, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torchvision.ops import box_convert
 from torch import Tensor, nn
 
 from models.matched_pairs import (
@@ -81,7 +82,7 @@ from models.matched_pairs import (
     per_set_sums,
 )
 from models.matcher import HungarianMatcher, MatchIndices
-from util.box_ops import box_cxcywh_to_xyxy, paired_generalized_box_iou
+from util.box_ops import paired_generalized_box_iou
 from util.precision import at_least_float32
 
 __all__ = [
@@ -133,8 +134,8 @@ class GIoUBoxLoss(nn.Module):
 
     def forward_sets(self, sets: list[MatchedPairs]) -> list[dict[str, Tensor]]:
         """All sets' pairs in one computation (the criterion's batched hook)."""
-        src = box_cxcywh_to_xyxy(torch.cat([m.src_boxes_cxcywh for m in sets]))
-        tgt = box_cxcywh_to_xyxy(torch.cat([m.target_boxes_cxcywh for m in sets]).to(src.dtype))
+        src = box_convert(torch.cat([m.src_boxes_cxcywh for m in sets]), "cxcywh", "xyxy")
+        tgt = box_convert(torch.cat([m.target_boxes_cxcywh for m in sets]).to(src.dtype), "cxcywh", "xyxy")
         giou = paired_generalized_box_iou(src, tgt)  # (N,), = diag of the pairwise GIoU
         loss = per_set_sums(1 - giou, sets) / per_set_normalisers(sets, src)
         return [{"loss_giou": loss[i]} for i in range(len(sets))]

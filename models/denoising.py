@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from util.box_ops import box_cxcywh_to_xyxy, box_xyxy_to_cxcywh, inverse_sigmoid
+from torchvision.ops import box_convert
+
+from util.box_ops import inverse_sigmoid
 
 
 @dataclass
@@ -91,12 +93,12 @@ def noise_boxes(boxes_cxcywh: Tensor, negative: Tensor, box_noise_scale: float) 
     """
     if box_noise_scale <= 0:
         return boxes_cxcywh.clone()
-    xyxy = box_cxcywh_to_xyxy(boxes_cxcywh)
+    xyxy = box_convert(boxes_cxcywh, "cxcywh", "xyxy")
     half = boxes_cxcywh[:, 2:].repeat(1, 2) / 2  # (w/2, h/2, w/2, h/2)
     sign = torch.randint(0, 2, boxes_cxcywh.shape, device=boxes_cxcywh.device).to(boxes_cxcywh.dtype) * 2 - 1
     part = torch.rand_like(boxes_cxcywh) + negative[:, None].to(boxes_cxcywh.dtype)
     xyxy = (xyxy + sign * part * half * box_noise_scale).clamp(0.0, 1.0)
-    return box_xyxy_to_cxcywh(xyxy)
+    return box_convert(xyxy, "xyxy", "cxcywh")
 
 
 def prepare_denoising(targets: list[dict], dn_number: int, label_noise_ratio: float, box_noise_scale: float,

@@ -18,8 +18,9 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torchvision.ops import box_convert
 
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou
+from util.box_ops import generalized_box_iou
 from util.precision import at_least_float32
 
 __all__ = [
@@ -56,8 +57,8 @@ def bbox_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor) -> Tensor:
 def giou_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor, check: bool = True) -> Tensor:
     """Negative pairwise GIoU: (N, 4), (M, 4) -> (N, M). check=False: the caller has validated the
     boxes (w, h >= 0, finite), which spares two device syncs."""
-    return -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes_cxcywh), box_cxcywh_to_xyxy(tgt_boxes_cxcywh),
-                                check=check)
+    return -generalized_box_iou(box_convert(pred_boxes_cxcywh, "cxcywh", "xyxy"),
+                                box_convert(tgt_boxes_cxcywh, "cxcywh", "xyxy"), check=check)
 
 
 def assign(cost: Tensor, image_index: int = 0) -> tuple[Tensor, Tensor]:

@@ -4,17 +4,15 @@ The model returns plain dicts (so the official criterion layout, `torch.compile`
 work); these TypedDicts document and type them. B = batch, Q = num_queries, C = num_classes,
 P = dn pad_size, L = decoder layers, n+1 = UGS bins per coordinate. Boxes are cxcywh normalised
 to the unpadded image; logits are raw (apply sigmoid for per-class scores; there is no background
-class). UGS-DINO (models/ugs_dino.py) returns the same structure with two more fields in every
-Prediction and, in training with UR on, `ur_context`.
+class). UGS-DINO returns the same structure with two more fields in every Prediction and, in
+training with UR on, `ur_context`: its types live with it (models/ugs_dino.py UGSPrediction,
+UGSOutput).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, TypedDict
+from typing import TypedDict
 
 from torch import Tensor
-
-if TYPE_CHECKING:  # only for the annotation: models.ugs_dino imports models.dino imports this
-    from models.ugs_dino import URContext
 
 
 class Prediction(TypedDict, total=False):
@@ -22,19 +20,10 @@ class Prediction(TypedDict, total=False):
 
     pred_logits: (B, N, C) raw class logits.
     pred_boxes: (B, N, 4) cxcywh in [0, 1], float32 or wider even under bf16 autocast.
-    UGS only (so the criterion can build two-hot targets, docs/ugs.md):
-    pred_box_logits: (B, N, 4, n+1) raw per-coordinate bin logits (cx, cy, w, h order) over the
-        head's grid; their expectation is the logit-space delta that pred_boxes applied.
-    ref_boxes_logit: (B, N, 4) the detached logit-space reference the delta was added to:
-        inverse_sigmoid(reference box) for decoder layers (pred_boxes = sigmoid(ref_boxes_logit +
-        delta)); for interm_outputs the raw selected proposal clamped to +-log(999) (the
-        inverse_sigmoid range), so invalid (+inf) proposals still give finite targets.
     """
 
     pred_logits: Tensor
     pred_boxes: Tensor
-    pred_box_logits: Tensor
-    ref_boxes_logit: Tensor
 
 
 class DenoisingMeta(TypedDict, total=False):
@@ -60,12 +49,8 @@ class DINOOutput(TypedDict, total=False):
     interm_outputs: Prediction of the encoder's top-Q selection (logits of the encoder class head,
         boxes = sigmoid(selected proposal + delta), undetached).
     interm_outputs_for_matching_pre: {pred_logits: interm logits, pred_boxes: the raw selected
-        proposals (sigmoid)}; kept for compatibility, unused by the loss (no UGS fields).
+        proposals (sigmoid)}; kept for compatibility, unused by the loss.
     dn_meta: None (evaluation, or a training batch without any GT box) or a DenoisingMeta.
-    pred_box_logits (B, Q, 4, n+1), ref_boxes_logit (B, Q, 4): UGS only, see Prediction.
-    ur_context: UGS, training forwards with UR on only (models.ugs_dino.URContext): the decoder
-        inputs of the Q matching queries and a `rerun(memory)` for the UR second pass. Not a
-        tensor; drop it before exporting or gathering outputs.
     """
 
     pred_logits: Tensor
@@ -74,6 +59,3 @@ class DINOOutput(TypedDict, total=False):
     interm_outputs: Prediction
     interm_outputs_for_matching_pre: Prediction
     dn_meta: DenoisingMeta | None
-    pred_box_logits: Tensor
-    ref_boxes_logit: Tensor
-    ur_context: URContext

@@ -10,9 +10,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor, nn
-from torchvision.ops import nms
-
-from util.box_ops import box_cxcywh_to_xyxy
+from torchvision.ops import box_convert, nms
 
 __all__ = ["PostProcess"]
 
@@ -68,7 +66,7 @@ class PostProcess(nn.Module):
         scores, flat_idx = torch.topk(prob.view(bs, -1), self.num_select, dim=1)  # (B, K), query-major
         query = flat_idx // num_classes
         labels = flat_idx % num_classes
-        boxes_xyxy = box_cxcywh_to_xyxy(boxes_cxcywh)
+        boxes_xyxy = box_convert(boxes_cxcywh, "cxcywh", "xyxy")
         boxes_xyxy = torch.gather(boxes_xyxy, 1, query.unsqueeze(-1).expand(-1, -1, 4))  # (B, K, 4)
         img_h, img_w = target_sizes.unbind(1)
         scale = torch.stack([img_w, img_h, img_w, img_h], dim=1)  # (B, 4)

@@ -1,18 +1,18 @@
-"""Build UGS-DINO from the config: the only code that reads `cfg.ugs` (besides tools).
+"""The UGS parts of a build: the only model code that reads `cfg.ugs` (besides tools).
 
-`build_ugs(cfg, criterion, postprocessor)` builds UGS-DINO (`build_dino` with the UGSDINO class
-and its grids) and turns DINO's criterion and post-processor into the UGS ones; `build_model`
-calls it when `cfg.ugs.enabled`.
+`ugs_parts(cfg, criterion, postprocessor)` returns UGS-DINO's constructor arguments (its grids and
+switches) and turns DINO's criterion and post-processor into the UGS ones; `models.build.build_model`
+calls it when `cfg.ugs.enabled` and builds the network with the UGSDINO class.
 """
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
 import ugs
-from models.build import build_dino
 from models.criterion import SetCriterion
 from models.postprocess import PostProcess
-from models.ugs_dino import UGSDINO
 from models.ugs_losses import UGSBoxLoss, UGSCriterion, ugs_weight_dict
 from models.ugs_postprocess import UGSPostProcess
 
@@ -25,19 +25,19 @@ def ugs_grids(u) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - configs
     return grid, interm
 
 
-def build_ugs(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001
-              ) -> tuple[UGSDINO, UGSCriterion, UGSPostProcess]:
+def ugs_parts(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001 - configs.Config
+              ) -> tuple[dict[str, Any], UGSCriterion, UGSPostProcess]:
+    """(UGSDINO's keyword arguments beyond DINO's, the UGS criterion, the UGS post-processor)."""
     u = cfg.ugs
     u.check()
     if not u.enabled:
-        raise ValueError("build_ugs: cfg.ugs.enabled is false")
+        raise ValueError("ugs_parts: cfg.ugs.enabled is false")
     grid, interm_grid = ugs_grids(u)
     if u.ur.levels is not None and max(u.ur.levels) >= cfg.model.num_feature_levels:
         raise ValueError(f"ugs.ur.levels {u.ur.levels}: model.num_feature_levels is "
                          f"{cfg.model.num_feature_levels}")
-    model = build_dino(cfg.model, UGSDINO, grid=grid, interm_grid=interm_grid,
-                       zero_last_layer=u.init.zero_last_layer, collect_ur_context=u.ur.weight > 0,
-                       ur_reuse_projections=u.ur.reuse_projections)
+    model_kwargs = {"grid": grid, "interm_grid": interm_grid, "zero_last_layer": u.init.zero_last_layer,
+                    "collect_ur_context": u.ur.weight > 0}
     weights = ugs_weight_dict(criterion.weight_dict, u.loss.box_loss, u.loss.ce_weight, u.loss.um_weight,
                               u.ur.weight, aux_layers=u.loss.aux_layers, interm=u.loss.interm, dn=u.loss.dn)
     box_losses = tuple(criterion.box_losses) + (UGSBoxLoss(grid, interm_grid),)
@@ -46,4 +46,4 @@ def build_ugs(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: 
                                  ur_rho=u.ur.rho, ur_levels=u.ur.levels, ur_eps=u.ur.eps)
     post = UGSPostProcess(grid, postprocessor.num_select, postprocessor.nms_iou_threshold,
                           postprocessor.extra_keys)
-    return model, ugs_criterion, post
+    return model_kwargs, ugs_criterion, post

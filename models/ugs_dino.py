@@ -27,6 +27,7 @@ import ugs
 from models.decoder import Decoder, DecoderInputs
 from models.dino import DINO
 from models.heads import apply_box_delta
+from models.outputs import DINOOutput, Prediction
 from models.query_selection import SelectedQueries
 from models.ugs_head import DistributionBoxHead, distribution_outputs
 
@@ -100,6 +101,35 @@ class URContext:
         return list(self.box_head.bin_logits(rows).split([b.numel() for b, _q in matched]))
 
 
+class UGSPrediction(Prediction, total=False):
+    """A Prediction (models/outputs.py) with the fields the criterion needs for two-hot targets.
+
+    pred_box_logits: (B, N, 4, n+1) raw per-coordinate bin logits (cx, cy, w, h order) over the
+        head's grid; their expectation is the logit-space delta that pred_boxes applied.
+    ref_boxes_logit: (B, N, 4) the detached logit-space reference the delta was added to:
+        inverse_sigmoid(reference box) for decoder layers (pred_boxes = sigmoid(ref_boxes_logit +
+        delta)); for interm_outputs the raw selected proposal clamped to +-log(999) (the
+        inverse_sigmoid range), so invalid (+inf) proposals still give finite targets.
+    """
+
+    pred_box_logits: Tensor
+    ref_boxes_logit: Tensor
+
+
+class UGSOutput(DINOOutput, total=False):
+    """What `UGSDINO.forward` returns: a DINOOutput whose every prediction set (final, aux_outputs,
+    interm_outputs, the dn ones; not interm_outputs_for_matching_pre) is a UGSPrediction.
+
+    pred_box_logits (B, Q, 4, n+1), ref_boxes_logit (B, Q, 4): of the last decoder layer.
+    ur_context: training forwards with UR on only; not a tensor, so drop it before exporting or
+        gathering outputs.
+    """
+
+    pred_box_logits: Tensor
+    ref_boxes_logit: Tensor
+    ur_context: URContext
+
+
 class UGSDINO(DINO):
     """DINO whose box heads predict per-coordinate bin distributions over `grid`.
 
@@ -107,16 +137,15 @@ class UGSDINO(DINO):
     grid (n+1,): the decoder heads' bins; interm_grid (n+1,): the encoder-proposal head's
     (default `grid`). zero_last_layer: start the bin layers at zero (uniform bins, delta 0).
     collect_ur_context: training forwards attach `ur_context` (False when ur.weight is 0, so a
-    run without UR keeps nothing for it). ur_reuse_projections: the context keeps each decoder
-    layer's projected memory so the UR pass works by linearity (`ugs.ur.reuse_projections`).
+    run without UR keeps nothing for it), with each decoder layer's projected memory, so that the
+    UR pass works by linearity.
 
     The box heads are built where DINO builds its own, so from the same seed every parameter but
     the heads' last layers equals the DINO baseline's (the baseline-vs-UGS diagnostics rely on it).
     """
 
     def __init__(self, *args: Any, grid: Tensor, interm_grid: Tensor | None = None,
-                 zero_last_layer: bool = True, collect_ur_context: bool = False,
-                 ur_reuse_projections: bool = True, **kwargs: Any) -> None:
+                 zero_last_layer: bool = True, collect_ur_context: bool = False, **kwargs: Any) -> None:
         if "box_head_factory" in kwargs:
             raise TypeError("UGSDINO builds its own box heads; do not pass box_head_factory")
         super().__init__(*args, box_head_factory=partial(DistributionBoxHead, grid=grid,
@@ -124,7 +153,6 @@ class UGSDINO(DINO):
         # the encoder head starts as a copy of the decoder head (official init), over its own range
         self.transformer.enc_out_bbox_embed.set_grid(interm_grid if interm_grid is not None else grid)
         self.collect_ur_context = collect_ur_context
-        self.ur_reuse_projections = ur_reuse_projections
 
     @property
     def box_grid(self) -> Tensor:
@@ -132,12 +160,12 @@ class UGSDINO(DINO):
 
     def decoder_memory_values(self, memory: Tensor, padding_mask: Tensor) -> list[Tensor] | None:
         """Kept for the UR pass (URContext.rerun_perturbed) in training with UR on."""
-        if self.training and self.collect_ur_context and self.ur_reuse_projections:
+        if self.training and self.collect_ur_context:
             return self.transformer.decoder.project_memory(memory, padding_mask)
         return None
 
     def forward(self, images: Tensor, masks: Tensor, targets: list[dict] | None = None,
-                dn_override: dict | None = None, intermediates: dict | None = None) -> dict:
+                dn_override: dict | None = None, intermediates: dict | None = None) -> UGSOutput:
         stages = intermediates if intermediates is not None else {}
         out = super().forward(images, masks, targets, dn_override, stages)
         if self.training and self.collect_ur_context:

@@ -68,41 +68,6 @@ def distribution_outputs(head: DistributionBoxHead, hidden: Tensor,
     return {"pred_box_logits": head.bin_logits(hidden), "ref_boxes_logit": ref_boxes_logit.detach()}
 
 
-def _distribution_copy(old: nn.Module, hidden_dim: int, grid: Tensor,
-                       zero_last_layer: bool) -> DistributionBoxHead:
-    head = DistributionBoxHead(hidden_dim, grid, zero_last_layer)
-    if isinstance(old, MLP) and len(old.layers) == 3:  # keep the (possibly trained) first two layers
-        for i in range(2):
-            head.layers[i].load_state_dict(old.layers[i].state_dict())
-    reference = next(old.parameters(), None)
-    return head if reference is None else head.to(reference.device)
-
-
-def use_distribution_box_heads(model: nn.Module, grid: Tensor, interm_grid: Tensor | None = None,
-                               zero_last_layer: bool = True) -> list[str]:
-    """Swap an already built DINO's box heads for distribution heads, in place; return the replaced
-    module names. Models are built as `models.ugs_dino.UGSDINO` (through `build_model`); this is
-    for experiments on an existing DINO instance (its forward then decodes by expectation, but it
-    emits no UGS output fields).
-
-    The decoder heads are one module shared by all layers (aliased as `bbox_embed.{i}` and
-    `transformer.decoder.bbox_embed.{i}`); the sharing is kept. The encoder-proposal head
-    (`transformer.enc_out_bbox_embed`) gets `interm_grid` (default: `grid`).
-    """
-    hidden_dim = model.hidden_dim
-    shared = model.bbox_embed[0]
-    if not all(h is shared for h in model.bbox_embed):
-        raise ValueError("use_distribution_box_heads: expected one box head shared by all decoder layers")
-    new = _distribution_copy(shared, hidden_dim, grid, zero_last_layer)
-    model.bbox_embed = nn.ModuleList([new] * len(model.bbox_embed))
-    model.transformer.decoder.bbox_embed = model.bbox_embed
-    enc = model.transformer.enc_out_bbox_embed
-    model.transformer.enc_out_bbox_embed = _distribution_copy(
-        enc, hidden_dim, interm_grid if interm_grid is not None else grid, zero_last_layer)
-    return ["bbox_embed.*.layers.2 (shared with transformer.decoder.bbox_embed.*)",
-            "transformer.enc_out_bbox_embed.layers.2"]
-
-
 @torch.no_grad()
 def detection_uncertainty(box_logits: Tensor, boxes_cxcywh: Tensor, grid: Tensor, sizes_hw: Tensor
                           ) -> tuple[Tensor, Tensor]:

@@ -331,8 +331,8 @@ def test_import_official_tool_reproduces_official_outputs(fixtures, tmp_path):
 @pytest.mark.slow
 def test_fine_tune_import_to_another_class_count_and_ugs_heads(fixtures, tmp_path):
     from configs import from_official_args
+    from configs.overrides import apply_overrides
     from models import build_model
-    from models.ugs_head import use_distribution_box_heads
     from tools.import_official import main
 
     fixture = fixtures / "dino_official_tiny"
@@ -345,8 +345,8 @@ def test_fine_tune_import_to_another_class_count_and_ugs_heads(fixtures, tmp_pat
     official = extract_state_dict(load_checkpoint(fixture / "checkpoint.pth"))
     cfg = from_official_args(json.loads((fixture / "config.json").read_text()))
     cfg.model.num_classes, cfg.model.dn_labelbook_size = 3, 3
+    cfg = apply_overrides(cfg, ["ugs.enabled=true", "ugs.grid.intervals=8"])  # UGS-DINO, 9 bins
     model, criterion, _ = build_model(cfg)
-    use_distribution_box_heads(model, torch.linspace(-4.0, 4.0, 9))  # 8 intervals, 9 bins
     report = import_weights(model, official)
     cls_keys = {k for k in official if "class_embed" in k or k == "label_enc.weight"}
     ugs_keys = {k for k in official if "bbox_embed" in k and ".layers.2." in k}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from models.criterion import (
     SetCriterion,
@@ -19,7 +20,7 @@ from models.criterion import (
 from models.matched_pairs import indices_to_device
 from models.matcher import HungarianMatcher, assign_all, default_threads
 from tests.test_set_prediction import BASE_WEIGHTS, NUM_CLASSES, _outputs, _random_set, _targets
-from util.box_ops import box_cxcywh_to_xyxy, generalized_box_iou, paired_generalized_box_iou
+from util.box_ops import generalized_box_iou, paired_generalized_box_iou
 
 
 def _box_pairs(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,7 +29,7 @@ def _box_pairs(n: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor,
     b = torch.cat([torch.rand(n, 2, generator=gen) * 0.8 + 0.1, torch.rand(n, 2, generator=gen) * 0.3], 1)
     b[:3] = a[:3]  # identical pairs
     b[3, 2:] = 0.0  # a degenerate (zero-size) target
-    return box_cxcywh_to_xyxy(a.to(dtype)), box_cxcywh_to_xyxy(b.to(dtype))
+    return box_convert(a.to(dtype), "cxcywh", "xyxy"), box_convert(b.to(dtype), "cxcywh", "xyxy")
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -164,7 +165,8 @@ def test_box_losses_of_all_sets_at_once_equal_each_set_by_hand():
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, used[suffix])])
         scale = outputs["dn_meta"]["num_dn_group"] if suffix == "_dn" else 1
         l1 = (src - tgt).abs()
-        giou = torch.diag(generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt)))
+        giou = torch.diag(generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
+                                              box_convert(tgt, "cxcywh", "xyxy")))
         torch.testing.assert_close(losses[f"loss_bbox{suffix}"], l1.sum() / (num_boxes * scale), rtol=1e-14, atol=0)
         torch.testing.assert_close(losses[f"loss_xy{suffix}"], l1[:, :2].sum() / (num_boxes * scale),
                                    rtol=1e-14, atol=0)

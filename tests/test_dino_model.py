@@ -8,11 +8,11 @@ import warnings
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from configs import ConfigError, from_official_args, load_config
 from models import build_model
 from models.denoising import dn_attention_mask, noise_boxes, noise_labels, num_dn_groups, prepare_denoising
-from util.box_ops import box_cxcywh_to_xyxy
 
 
 def _tiny(overrides: list[str] | None = None):
@@ -155,7 +155,8 @@ def test_box_noise_statistics():
     boxes = torch.tensor([[0.5, 0.5, 0.2, 0.2]]).repeat(k, 1)
     negative = torch.arange(k) % 2 == 1
     noised = noise_boxes(boxes, negative, box_noise_scale=1.0)
-    shift = (box_cxcywh_to_xyxy(noised) - box_cxcywh_to_xyxy(boxes)).abs() / 0.1  # in half-sizes
+    # in half-sizes
+    shift = (box_convert(noised, "cxcywh", "xyxy") - box_convert(boxes, "cxcywh", "xyxy")).abs() / 0.1
     pos, neg = shift[~negative], shift[negative]
     assert pos.max() < 1.0 and neg.min() >= 1.0 - 1e-6 and neg.max() < 2.0 + 1e-6
     assert abs(pos.mean().item() - 0.5) < 0.01 and abs(neg.mean().item() - 1.5) < 0.01

@@ -65,33 +65,37 @@ def test_box_head_last_layer_group_holds_exactly_the_bin_logit_layers() -> None:
     from util.optim import param_groups
 
     cfg = load_config("demo_synthetic")  # a UGS model from random weights (no download)
-    model, _, _ = build_model(cfg)  # (model, criterion, postprocessor)
-    cfg.optim.lr_box_head_last_mult = 1.0
-    assert {g["name"] for g in param_groups(model, cfg.optim)} == {"main", "backbone"}
-    cfg.optim.lr_box_head_last_mult = 10.0
-    groups = {g["name"]: g for g in param_groups(model, cfg.optim)}
+    model = build_model(cfg)[0]
+    o = cfg.optim
+    assert {g["name"] for g in param_groups(model, o.lr, o.lr_backbone, o.lr_backbone_names)} == {
+        "main", "backbone"}
+    groups = {g["name"]: g for g in param_groups(model, o.lr, o.lr_backbone, o.lr_backbone_names,
+                                                 box_head_last_mult=10.0,
+                                                 box_head_last_pattern=o.lr_box_head_last_pattern)}
     assert sorted(groups["box_head_last"]["param_names"]) == [
         "transformer.decoder.bbox_embed.0.layers.2.bias", "transformer.decoder.bbox_embed.0.layers.2.weight",
         "transformer.enc_out_bbox_embed.layers.2.bias", "transformer.enc_out_bbox_embed.layers.2.weight"]
-    assert groups["box_head_last"]["lr"] == pytest.approx(10 * cfg.optim.lr)
+    assert groups["box_head_last"]["lr"] == pytest.approx(10 * o.lr)
     names = [n for g in groups.values() for n in g["param_names"]]
     assert sorted(names) == sorted(n for n, p in model.named_parameters() if p.requires_grad)  # each once
-    cfg.optim.lr_box_head_last_pattern = "no_such_layer$"
     with pytest.raises(ValueError, match="lr_box_head_last_pattern"):
-        param_groups(model, cfg.optim)
-    cfg.optim.lr_box_head_last_pattern = "("
+        param_groups(model, o.lr, o.lr_backbone, o.lr_backbone_names, box_head_last_mult=10.0,
+                     box_head_last_pattern="no_such_layer$")
+    o.lr_box_head_last_pattern = "("
     with pytest.raises(ConfigError, match="lr_box_head_last_pattern"):
-        cfg.optim.check()
+        o.check()
 
 
 def test_param_groups_default_never_applies_linear_proj_mult() -> None:
     from configs.train import OptimConfig
-    from util.optim import build_optimizer, build_scheduler, param_groups
+    from models.build import build_optimizer, build_scheduler
+    from util.optim import param_groups
 
     model = FakeDINO()
     model.class_head.bias.requires_grad_(False)  # frozen parameters are left out
-    cfg = OptimConfig(lr=1e-4, lr_backbone=1e-5)
-    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    proj = OptimConfig().lr_linear_proj_names
+    groups = {g["name"]: g for g in param_groups(model, 1e-4, 1e-5, ["backbone.0"], linear_proj_names=proj,
+                                                 linear_proj_mult=0.1)}
     assert set(groups) == {"main", "backbone"}
     assert groups["backbone"]["lr"] == 1e-5 and groups["main"]["lr"] == 1e-4
     assert all(n.startswith("backbone.0.") for n in groups["backbone"]["param_names"])
@@ -99,14 +103,21 @@ def test_param_groups_default_never_applies_linear_proj_mult() -> None:
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert sorted(groups["main"]["param_names"] + groups["backbone"]["param_names"]) == sorted(trainable)
 
-    cfg.param_dict_type = "ddetr_in_mmdet"
-    groups = {g["name"]: g for g in param_groups(model, cfg)}
+    groups = {g["name"]: g for g in param_groups(model, 1e-4, 1e-5, ["backbone.0"], "ddetr_in_mmdet",
+                                                 linear_proj_names=proj, linear_proj_mult=0.1)}
     assert groups["linear_proj"]["param_names"] == ["sampling_offsets.weight", "sampling_offsets.bias"]
     assert groups["linear_proj"]["lr"] == pytest.approx(1e-5)
     assert "sampling_offsets.weight" not in groups["main"]["param_names"]
+    with pytest.raises(ValueError, match="param_dict_type 'mmdet'"):
+        param_groups(model, 1e-4, 1e-5, ["backbone.0"], "mmdet")
 
-    opt = build_optimizer(model, OptimConfig(lr=1e-4, lr_drop=2))
-    sched = build_scheduler(opt, OptimConfig(lr=1e-4, lr_drop=2))
+    # the builders read the config: lr, weight decay, multiplier and schedule arrive in the optimizer
+    cfg = OptimConfig(lr=1e-4, lr_drop=2, weight_decay=0.05, param_dict_type="ddetr_in_mmdet")
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    assert {g["name"]: g["lr"] for g in opt.param_groups} == pytest.approx(
+        {"main": 1e-4, "backbone": 1e-5, "linear_proj": 1e-5})
+    assert all(g["weight_decay"] == 0.05 for g in opt.param_groups)
     lrs = []
     for _ in range(4):
         lrs.append(opt.param_groups[0]["lr"])
@@ -123,21 +134,43 @@ def test_param_groups_default_never_applies_linear_proj_mult() -> None:
     assert got == pytest.approx([1.0, 0.1, 0.1, 0.01])
 
 
-def test_ema_averages_shared_parameters_once() -> None:
+def test_ema_matches_the_blend_formula_and_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
+    """N updates equal `decay * ema + (1 - decay) * model` from the starting copy (the former
+    hand-written EMA's rule), a shared tensor is averaged once, a floating buffer is averaged and an
+    integer buffer copied; the state survives torch.save / torch.load(weights_only=True)."""
     from util.ema import ModelEMA
 
-    lin = torch.nn.Linear(2, 2)
-    model = torch.nn.ModuleDict({"a": lin, "b": lin})  # one tensor under two state_dict names
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(3, 2)
+    model = torch.nn.ModuleDict({"a": lin, "b": lin, "bn": torch.nn.BatchNorm1d(2)})  # one tensor, two names
     ema = ModelEMA(model, decay=0.9)
-    before = lin.weight.detach().clone()
-    with torch.no_grad():
-        lin.weight.add_(1.0)
+    expected = {k: v.detach().clone().double() for k, v in model.state_dict().items()}
+    for _ in range(5):
+        with torch.no_grad():
+            lin.weight.add_(torch.randn_like(lin.weight))
+            model["bn"].running_mean.add_(1.0)
+            model["bn"].num_batches_tracked.add_(3)
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            expected[k] = (v.double() if not v.is_floating_point()
+                           else 0.9 * expected[k] + 0.1 * v.detach().double())
+    got = ema.module.state_dict()
+    for k, v in expected.items():
+        torch.testing.assert_close(got[k].double(), v, rtol=1e-6, atol=1e-6, msg=k)
+    assert int(got["bn.num_batches_tracked"]) == 15 and ema.num_updates == 5
+    assert not torch.equal(got["a.weight"], lin.weight)  # averaged, not copied
+    assert all(not p.requires_grad for p in ema.module.parameters()) and not ema.module.training
+
+    torch.save({"ema": ema.state_dict()}, tmp_path / "ckpt.pth")
+    state = torch.load(tmp_path / "ckpt.pth", weights_only=True)["ema"]
+    assert set(state) == {"model", "decay", "num_updates"} and "a.weight" in state["model"]
+    restored = ModelEMA(model, decay=0.5)
+    restored.load_state_dict(state)
+    assert restored.decay == 0.9 and restored.num_updates == 5
     ema.update(model)
-    expected = 0.9 * before + 0.1 * lin.weight.detach()
-    torch.testing.assert_close(ema.module["a"].weight, expected, rtol=0, atol=1e-6)
-    ema2 = ModelEMA(model, decay=0.5)
-    ema2.load_state_dict(ema.state_dict())
-    assert ema2.decay == 0.9 and ema2.num_updates == 1
+    restored.update(model)  # continues with the saved decay
+    for k, v in ema.module.state_dict().items():
+        assert torch.equal(restored.module.state_dict()[k], v), k
 
 
 # ------------------------------------------------------------------------------------------

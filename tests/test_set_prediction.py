@@ -7,6 +7,7 @@ import socket
 
 import pytest
 import torch
+from torchvision.ops import box_convert
 
 from models.criterion import (
     GIoUBoxLoss,
@@ -18,13 +19,7 @@ from models.criterion import (
 )
 from models.matcher import HungarianMatcher, assign
 from models.postprocess import PostProcess
-from util.box_ops import (
-    box_cxcywh_to_xyxy,
-    box_iou,
-    box_xyxy_to_cxcywh,
-    generalized_box_iou,
-    inverse_sigmoid,
-)
+from util.box_ops import generalized_box_iou, inverse_sigmoid
 
 NUM_CLASSES = 5
 BASE_WEIGHTS = {"loss_ce": 1.0, "loss_bbox": 5.0, "loss_giou": 2.0}
@@ -73,10 +68,18 @@ def _keys(suffixes: list[str], final_log: bool = True) -> set[str]:
 
 
 # ---------------------------------------------------------------------------- box ops
-def test_box_conversion_round_trip():
-    boxes = torch.rand(50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
-    assert torch.allclose(box_xyxy_to_cxcywh(box_cxcywh_to_xyxy(boxes)), boxes, atol=1e-15, rtol=0)
-    assert box_cxcywh_to_xyxy(torch.tensor([0.5, 0.4, 0.2, 0.6])).tolist() == pytest.approx([0.4, 0.1, 0.6, 0.7])
+def test_box_convert_is_the_official_arithmetic_bit_for_bit():
+    """torchvision's box_convert replaces the official box_cxcywh_to_xyxy / box_xyxy_to_cxcywh: the
+    same float64 result to the last bit (written out here as the official code writes it)."""
+    boxes = torch.rand(2, 50, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cx, cy, w, h = boxes.unbind(-1)
+    official_xyxy = torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
+    assert torch.equal(box_convert(boxes, "cxcywh", "xyxy"), official_xyxy)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    official_cxcywh = torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
+    assert torch.equal(box_convert(boxes, "xyxy", "cxcywh"), official_cxcywh)
+    one = box_convert(torch.tensor([0.5, 0.4, 0.2, 0.6]), "cxcywh", "xyxy")
+    assert one.tolist() == pytest.approx([0.4, 0.1, 0.6, 0.7])
 
 
 def test_giou_identical_and_disjoint_hand_computed():
@@ -87,10 +90,9 @@ def test_giou_identical_and_disjoint_hand_computed():
     assert generalized_box_iou(a, a).item() == pytest.approx(1.0, abs=2e-6)
     # Disjoint unit squares 1 apart: iou 0, union 2, enclosing 3 -> giou = -(3 - 2) / (3 + 1e-6).
     assert generalized_box_iou(a, b).item() == pytest.approx(-1 / (3 + 1e-6), abs=1e-15)
-    # Half overlap: inter 0.5, union 1.5.
+    # Half overlap: inter 0.5, union 1.5, enclosing 1.5 -> giou = iou = 0.5 / (1.5 + 1e-6).
     c = torch.tensor([[0.5, 0.0, 1.5, 1.0]], dtype=torch.float64)
-    iou, union = box_iou(a, c)
-    assert iou.item() == pytest.approx(0.5 / (1.5 + 1e-6), abs=1e-15) and union.item() == 1.5
+    assert generalized_box_iou(a, c).item() == pytest.approx(0.5 / (1.5 + 1e-6), abs=1e-15)
 
 
 def test_giou_inverted_boxes_error_names_rows():

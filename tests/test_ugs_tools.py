@@ -120,11 +120,11 @@ def test_benchmark_ugs_comparison_cpu_one_step():
     from tools import benchmark_model
 
     res = benchmark_model.ugs_comparison("dino_tiny", TINY, torch.device("cpu"), 1, 64, 64, 3, iters=1, warmup=0)
-    for key in ("dino", "ugs_ur_off", "ugs_ur_on", "ugs_ur_on_recompute"):
+    for key in ("dino", "ugs_ur_off", "ugs_ur_on"):
         assert res[key]["step_ms"] > 0 and len(res[key]["step_ms_all"]) == 1
     assert res["ugs_ur_on_time_ratio"] > 0 and "ugs_ur_on_mem_ratio" not in res  # no CPU memory numbers
     table = benchmark_model.ugs_table(res, "cpu")
-    assert table.count("\n| ") == 5 and "UGS, UR on (full)" in table  # header + 4 variants
+    assert table.count("\n| ") == 4 and "UGS, UR on (full)" in table  # header + 3 variants
     assert f"UR on vs DINO (CPU, not the target's device): time x{res['ugs_ur_on_time_ratio']:.3f}" in table
     fake = {"setup": {"device": "cuda"}, "ugs_ur_on_time_ratio": 1.095, "ugs_ur_on_min_time_ratio": 1.12,
             "ugs_ur_on_mem_ratio": 1.06}
@@ -143,7 +143,7 @@ def test_benchmark_profile_variants_cpu():
 
     res, text = benchmark_model.profile_variants("dino_tiny", TINY, torch.device("cpu"), 1, 64, 64, 3, warmup=0,
                                                  top=5)
-    assert set(res) == {"dino", "ugs_ur_off", "ugs_ur_on", "ugs_ur_on_recompute"}
+    assert set(res) == {"dino", "ugs_ur_off", "ugs_ur_on"}
     assert all(r["wall_ms"] > 0 and r["ops"] > 10 and r["device_busy_ms"] == 0 for r in res.values())
     assert "UGS, UR on (full)" in text and "aten::" in text
     # per-op differences between consecutive variants; the UR pass shows up under its profiler range

@@ -149,9 +149,7 @@ def gpu_benchmarks(args: argparse.Namespace) -> dict:
 # An override may hold several space-separated `key=value` items.
 UGS_VARIANTS = (("dino", "DINO (L1 baseline)", "ugs.ablation=l1"),
                 ("ugs_ur_off", "UGS, UR off (ce_in_um)", "ugs.ablation=ce_in_um"),
-                ("ugs_ur_on", "UGS, UR on (full)", "ugs.ablation=full"),
-                ("ugs_ur_on_recompute", "UGS, UR on, projections recomputed",
-                 "ugs.ablation=full ugs.ur.reuse_projections=false"))
+                ("ugs_ur_on", "UGS, UR on (full)", "ugs.ablation=full"))
 
 
 def _build_variant(config: str, overrides: list[str], override: str, device: torch.device, seed: int = 0):  # noqa: ANN202
@@ -253,12 +251,12 @@ def comparison_settings(args: argparse.Namespace, cpu: bool = False) -> list[Com
     """The comparisons asked for on the command line (bf16 and TF32 on the GPU only)."""
     settings = [Comparison("", False, [], UGS_VARIANTS, "fp32")]
     if args.compile_decoder:
-        settings.append(Comparison("_compiled", False, ["model.compile_decoder_layers=true"], UGS_VARIANTS[:3],
+        settings.append(Comparison("_compiled", False, ["model.compile_decoder_layers=true"], UGS_VARIANTS,
                                    "fp32, decoder layers compiled"))
     if args.ugs_bf16 and not cpu:
         settings.append(Comparison("_bf16", True, [], UGS_VARIANTS, "bf16 autocast"))
     if args.tf32 and not cpu:
-        settings.append(Comparison("_tf32", False, [], UGS_VARIANTS[:3],
+        settings.append(Comparison("_tf32", False, [], UGS_VARIANTS,
                                    "fp32 with TF32 matrix products (runtime.tf32=true)", True))
     return settings
 

@@ -43,11 +43,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
+from torchvision.ops import box_convert  # noqa: E402
 
 import ugs  # noqa: E402
 from tools.target_stats import (BUCKETS, batch_to, image_sizes_hw, optimizer_step, size_bucket,  # noqa: E402
                                 take, weighted_total)
-from util.box_ops import box_cxcywh_to_xyxy, inverse_sigmoid, paired_generalized_box_iou  # noqa: E402
+from util.box_ops import inverse_sigmoid, paired_generalized_box_iou  # noqa: E402
 
 
 class HiddenStateCatcher:
@@ -84,7 +85,8 @@ def per_object_loc_loss(matched, weight_dict: dict[str, float], grid: Tensor | N
         if include_um and w_um:
             loss = loss + w_um * ugs.um_loss(logits).mean(-1)
     if include_giou:
-        giou = paired_generalized_box_iou(box_cxcywh_to_xyxy(src), box_cxcywh_to_xyxy(tgt))
+        giou = paired_generalized_box_iou(box_convert(src, "cxcywh", "xyxy"),
+                                          box_convert(tgt, "cxcywh", "xyxy"))
         loss = loss + weight_dict.get("loss_giou", 0.0) * (1 - giou)
     return loss
 
@@ -196,7 +198,7 @@ def run(config: str, overrides: list[str], iters: int, variant: str = "full", wa
     from tqdm import tqdm
 
     from datasets import build_dataloader, build_dataset
-    from util.optim import build_optimizer
+    from models.build import build_optimizer
 
     base_cfg, ugs_cfg = make_configs(config, overrides, variant)
     (bm, bc), (um, uc), differ = build_pair(base_cfg, ugs_cfg, seed)

@@ -238,7 +238,7 @@ def train_steps(model, criterion, cfg, loader, steps: int, device: torch.device)
     targets can be measured on a model that has started to fit. Returns the loss per step."""
     from tqdm import tqdm
 
-    from util.optim import build_optimizer
+    from models.build import build_optimizer
 
     optimizer = build_optimizer(model, cfg.optim)
     model.train()

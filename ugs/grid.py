@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-GRID_KINDS = ("in", "uniform", "in_positive")
+GRID_KINDS = ("in", "uniform")
 
 # Below this alpha the exponential form is replaced by its series (the exact formula is 0/0 at 0).
 _SMALL_ALPHA = 1e-8
@@ -32,11 +32,9 @@ def make_grid(range: float, alpha: float, intervals: int, kind: str = "in", *,  
               dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> Tensor:
     """Return the `intervals + 1` grid points of one coordinate's bins.
 
-    kind "in":          g_i = R sign(u_i) expm1(alpha |u_i|) / expm1(alpha), u_i = (2i - n) / n,
-                        over [-R, R], odd-symmetric (DINO's signed logit-space deltas);
-    kind "uniform":     g_i = R u_i (the alpha -> 0 limit of "in"; alpha is ignored);
-    kind "in_positive": g_i = R expm1(alpha u_i) / expm1(alpha), u_i = i / n, over [0, R]
-                        (distance targets, FCOS/GFL style).
+    kind "in":      g_i = R sign(u_i) expm1(alpha |u_i|) / expm1(alpha), u_i = (2i - n) / n,
+                    over [-R, R], odd-symmetric (DINO's signed logit-space deltas);
+    kind "uniform": g_i = R u_i (the alpha -> 0 limit of "in"; alpha is ignored).
     Computed in float64, then cast to `dtype` (default: torch's default dtype).
     """
     if kind not in GRID_KINDS:
@@ -49,14 +47,11 @@ def make_grid(range: float, alpha: float, intervals: int, kind: str = "in", *,  
         raise ValueError(f"make_grid: alpha must be a finite number >= 0, got {alpha!r}")
     n = intervals
     i = torch.arange(n + 1, dtype=torch.float64)
-    if kind == "in_positive":
-        grid = range * _exp_profile(i / n, float(alpha))
+    u = (2.0 * i - n) / n  # exact odd symmetry: u_{n-i} == -u_i bit for bit
+    if kind == "uniform":
+        grid = range * u
     else:
-        u = (2.0 * i - n) / n  # exact odd symmetry: u_{n-i} == -u_i bit for bit
-        if kind == "uniform":
-            grid = range * u
-        else:
-            grid = range * torch.sign(u) * _exp_profile(u.abs(), float(alpha))
+        grid = range * torch.sign(u) * _exp_profile(u.abs(), float(alpha))
     grid = grid.to(dtype=dtype or torch.get_default_dtype(), device=device)
     if not bool((grid[1:] > grid[:-1]).all()):
         raise ValueError(f"make_grid: kind={kind!r}, range={range}, alpha={alpha}, intervals={n} "

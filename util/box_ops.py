@@ -1,8 +1,11 @@
-"""Box conversions and overlaps with the official DINO numerics (docs/dino.md, "Numerics").
+"""Box overlaps and the clamped logit with the official DINO numerics (docs/dino.md, "Numerics").
 
 Formats are part of every name: ``boxes_cxcywh`` are (cx, cy, w, h), ``boxes_xyxy`` are
 (x0, y0, x1, y1); both may be normalised or absolute, the functions here do not care. All
 functions work on the last dimension and follow the input dtype, so a float64 run stays float64.
+Format conversions are torchvision's `box_convert` (the official formulas, bit for bit: tested).
+GIoU stays hand-written: the official code adds 1e-6 to both of its denominators, torchvision's
+`generalized_box_iou` adds none.
 """
 from __future__ import annotations
 
@@ -11,9 +14,6 @@ from torch import Tensor
 
 __all__ = [
     "box_area",
-    "box_cxcywh_to_xyxy",
-    "box_iou",
-    "box_xyxy_to_cxcywh",
     "check_boxes_xyxy",
     "generalized_box_iou",
     "paired_generalized_box_iou",
@@ -24,20 +24,9 @@ __all__ = [
 _IOU_EPS = 1e-6
 
 
-def box_cxcywh_to_xyxy(boxes_cxcywh: Tensor) -> Tensor:
-    """(..., 4) cxcywh -> (..., 4) xyxy; no clamping (official)."""
-    cx, cy, w, h = boxes_cxcywh.unbind(-1)
-    return torch.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], dim=-1)
-
-
-def box_xyxy_to_cxcywh(boxes_xyxy: Tensor) -> Tensor:
-    """(..., 4) xyxy -> (..., 4) cxcywh."""
-    x0, y0, x1, y1 = boxes_xyxy.unbind(-1)
-    return torch.stack([(x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0], dim=-1)
-
-
 def box_area(boxes_xyxy: Tensor) -> Tensor:
-    """(..., 4) xyxy -> (...) areas (negative for inverted boxes: callers validate)."""
+    """(..., 4) xyxy -> (...) areas (negative for inverted boxes: callers validate). Hand-written:
+    torchvision's box_area takes (N, 4) only, GIoU here broadcasts (..., 4)."""
     return (boxes_xyxy[..., 2] - boxes_xyxy[..., 0]) * (boxes_xyxy[..., 3] - boxes_xyxy[..., 1])
 
 
@@ -59,18 +48,6 @@ def check_boxes_xyxy(boxes_xyxy: Tensor, name: str) -> None:
             f"{name}: {len(bad)} box(es) with x1 < x0 or y1 < y0 (or NaN) in xyxy format; "
             f"{shown}{more}"
         )
-
-
-def box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> tuple[Tensor, Tensor]:
-    """Pairwise IoU and union: (N, 4), (M, 4) -> (N, M), (N, M)."""
-    area1 = box_area(boxes1_xyxy)
-    area2 = box_area(boxes2_xyxy)
-    lt = torch.max(boxes1_xyxy[:, None, :2], boxes2_xyxy[:, :2])  # (N, M, 2)
-    rb = torch.min(boxes1_xyxy[:, None, 2:], boxes2_xyxy[:, 2:])  # (N, M, 2)
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1[:, None] + area2 - inter
-    return inter / (union + _IOU_EPS), union
 
 
 def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, check: bool = True) -> Tensor:
