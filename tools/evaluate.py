@@ -18,8 +18,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.coco_eval import (BACKENDS, CocoEvalError, evaluate_detections,  # noqa: E402
-                                format_summary, metrics_to_json)
+from datasets.coco_eval import BACKENDS, evaluate_detections, format_summary, metrics_to_json  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 
 def synthetic_case(num_images: int, gts_per_image: int, dets_per_image: int, num_categories: int = 1,
@@ -82,6 +82,7 @@ def benchmark(num_images: int, max_dets: int, gts_per_image: int, num_categories
         print(f"  max |difference| between backends over AP, AP50, AP75, APs, AR: {diff:.3g}")
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -98,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark-gts", type=int, default=100, help="GT boxes per synthetic image")
     parser.add_argument("--benchmark-categories", type=int, default=10)
     parser.add_argument("--benchmark-backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    add_debug_option(parser)
     args = parser.parse_args(argv)
 
     if args.benchmark_synthetic:
@@ -106,12 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.gt or not args.results:
         parser.error("GT and RESULTS are required (or use --benchmark-synthetic)")
-    try:
-        metrics = evaluate_detections(args.gt, args.results, args.max_dets, backend=args.backend,
-                                      per_class=args.per_class)
-    except CocoEvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    metrics = evaluate_detections(args.gt, args.results, args.max_dets, backend=args.backend,
+                                  per_class=args.per_class)  # CocoEvalError: message, exit 2 (@entry_point)
     dropped = f", {metrics['num_truncated']} dropped by the per-image cap" if metrics["num_truncated"] else ""
     print(f"{args.results}: {metrics['num_detections']} detections on {metrics['num_images']} images "
           f"(maxDets={args.max_dets}, backend={args.backend}{dropped})")

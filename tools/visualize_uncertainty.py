@@ -29,6 +29,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.cli import add_debug_option, entry_point  # noqa: E402
+
 COLORBAR_PX = 110  # extra width (pixels) right of the image for the colourbar
 
 
@@ -152,13 +155,18 @@ def detect(image: np.ndarray, config: str, overrides: list[str], checkpoint: Pat
     from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_hw
     from models.build import build_model
     from util.checkpoint import extract_state_dict, import_weights, load_checkpoint
+    from util.run_start import without_replaced_download
+    from util.weight_downloads import explain_download_failure
 
     cfg = load_config(config, overrides)
     if not cfg.ugs.enabled:
         raise SystemExit(f"config {config} has ugs.enabled=false: only UGS-DINO predicts uncertainty "
                          "(use a *_ugs config or --opt ugs.ablation=full)")
-    model, _, postprocessor = build_model(cfg)
-    report = import_weights(model, extract_state_dict(load_checkpoint(checkpoint)))
+    weights = extract_state_dict(load_checkpoint(checkpoint))
+    build_cfg = without_replaced_download(cfg, weights, f"--checkpoint {checkpoint}")  # offline: no download
+    with explain_download_failure(build_cfg.model.backbone, build_cfg.model.backbone_weights):
+        model, _, postprocessor = build_model(build_cfg)
+    report = import_weights(model, weights)
     print(str(report).splitlines()[0])
     h, w = image.shape[:2]
     img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W), a copy
@@ -191,6 +199,7 @@ def _select(detections: list[dict], image_id: int | None, min_score: float,
     return kept, len(chosen) - len(kept)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--detections", type=Path, help="COCO results JSON with per-detection uncertainty")
@@ -210,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(default: so that the long side is at least 800 px)")
     ap.add_argument("--demo", action="store_true", help="draw synthetic detections (no JSON needed)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    add_debug_option(ap)
     args = ap.parse_args(argv)
 
     h, w = args.image_size
@@ -237,5 +247,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())
