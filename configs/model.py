@@ -21,7 +21,8 @@ class ModelConfig:
     backbone: str = "resnet50"
     # torchvision weights enum name loaded at build time (official: ImageNet); None = random
     # init (enough when an official DINO checkpoint is loaded afterwards). For timm: any value
-    # means "pretrained=True".
+    # means "pretrained=True". A path ending in .pth/.pt/.safetensors loads that local file instead
+    # (offline: the file torchvision or timm would download).
     backbone_weights: str | None = "IMAGENET1K_V1"
     # Backbone stages fed to the transformer: 0..3 = layer1..layer4 (strides 4..32).
     return_interm_indices: list[int] = field(default_factory=lambda: [0, 1, 2, 3])

@@ -44,6 +44,26 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + shift
 
 
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def is_weights_file(weights: str | None) -> bool:
+    """`weights` names a local file (offline use) rather than a torchvision weights name."""
+    return weights is not None and weights.endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def load_backbone_file(net: nn.Module, path: str) -> None:
+    """The backbone's ImageNet weights from a local state-dict file (the file torchvision or timm
+    would download), strictly: every tensor of the network, nothing else."""
+    from util.checkpoint import CheckpointError, import_weights, load_weights_file
+
+    report = import_weights(net, load_weights_file(path), num_classes_changed_ok=False)
+    if report.missing or report.unexpected:
+        raise CheckpointError(f"model.backbone_weights={path}: not a state dict of this backbone "
+                              f"({len(report.missing)} tensors missing, e.g. {report.missing[:2]}; "
+                              f"{len(report.unexpected)} unexpected, e.g. {report.unexpected[:2]})")
+
+
 class ResNetBody(nn.Module):
     """A torchvision ResNet without avgpool/fc, returning the requested stages (layer1..layer4).
 
@@ -54,8 +74,12 @@ class ResNetBody(nn.Module):
         super().__init__()
         if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"backbone '{name}': expected resnet18/34/50/101 or 'timm:<model name>'")
-        net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d,
+        local = is_weights_file(weights)
+        net = getattr(torchvision.models, name)(weights=None if local else weights,
+                                                norm_layer=FrozenBatchNorm2d,
                                                 replace_stride_with_dilation=[False, False, False])
+        if local:
+            load_backbone_file(net, weights)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.return_interm_indices = list(return_interm_indices)
@@ -77,13 +101,14 @@ class ResNetBody(nn.Module):
 
 
 def timm_body(name: str, return_interm_indices: Sequence[int],
-              pretrained: bool) -> tuple[nn.Module, list[int]]:
+              pretrained: bool | str) -> tuple[nn.Module, list[int]]:
     """A timm model with `features_only=True` (indices are timm's feature indices, e.g. for timm
     ResNets 1..4 = layer1..layer4) and its output channels. Every parameter trains."""
     import timm  # only needed for this option
 
-    model = timm.create_model(name, pretrained=pretrained, features_only=True,
-                              out_indices=tuple(return_interm_indices))
+    overlay = {"file": pretrained} if isinstance(pretrained, str) else None  # a local weights file
+    model = timm.create_model(name, pretrained=bool(pretrained), features_only=True,
+                              out_indices=tuple(return_interm_indices), pretrained_cfg_overlay=overlay)
     return model, list(model.feature_info.channels())
 
 
@@ -124,9 +149,11 @@ class Backbone(nn.Sequential):
 
 def build_backbone(name: str, return_interm_indices: Sequence[int], hidden_dim: int,
                    temperature_h: float, temperature_w: float, weights: str | None) -> Backbone:
-    """`name` is a torchvision ResNet ('resnet50') or 'timm:<model>' (ImageNet weights if `weights`)."""
+    """`name` is a torchvision ResNet ('resnet50') or 'timm:<model>' (ImageNet weights if `weights`:
+    a torchvision weights name, any value for timm, or a local .pth/.safetensors file)."""
     if name.startswith("timm:"):
-        body, channels = timm_body(name[len("timm:"):], return_interm_indices, pretrained=weights is not None)
+        pretrained = weights if is_weights_file(weights) else weights is not None
+        body, channels = timm_body(name[len("timm:"):], return_interm_indices, pretrained=pretrained)
     else:
         body = ResNetBody(name, return_interm_indices, weights)
         channels = body.num_channels

@@ -84,8 +84,9 @@ def test_failed_backbone_download_says_what_to_fetch_and_the_ways_out(tmp_path, 
     err = capsys.readouterr().err
     assert rc == 2 and downloads, err
     assert "Traceback" not in err and err.startswith("error: model.backbone_weights='IMAGENET1K_V1'")
-    assert "torchvision ResNet18_Weights.IMAGENET1K_V1 from https://download.pytorch.org/models/resnet18" in err
-    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-") in err  # where to put it
+    assert "torchvision ResNet18_Weights.IMAGENET1K_V1 from https://download.pytorch.org/models/" in err
+    assert "--opt model.backbone_weights=/path/to/resnet18-f37072fd.pth" in err  # a local file
+    assert str(tmp_path / "torch_home" / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in err  # the cache
     assert "--opt model.backbone_weights=null" in err and "--pretrained CHECKPOINT.pth" in err
     assert "https://github.com/IDEA-Research/DINO" in err and "--debug" in err
 
@@ -109,6 +110,25 @@ def test_no_download_with_pretrained_weights(tmp_path, downloads, capsys) -> Non
     rc = run_main(["--config", "dino_tiny", "--eval", "--pretrained", str(ckpt), "--output-dir",
                    str(tmp_path / "ft"), "--opt", *TINY, "model.backbone_weights=IMAGENET1K_V1"])
     assert rc == 0 and downloads == [], capsys.readouterr().err
+
+
+def test_backbone_weights_from_a_local_file(tmp_path, downloads, capsys) -> None:
+    import torchvision
+
+    from configs import load_config
+    from models import build_model
+
+    reference = torchvision.models.resnet18()  # stands in for the downloaded ImageNet file
+    path = tmp_path / "resnet18-f37072fd.pth"
+    torch.save(reference.state_dict(), path)
+    model = build_model(load_config("dino_tiny", TINY + [f"model.backbone_weights={path}"]))[0]
+    body = model.backbone[0].body
+    assert torch.equal(body.layer3[1].conv2.weight, reference.layer3[1].conv2.weight)
+    assert torch.equal(body.bn1.running_var, reference.bn1.running_var) and downloads == []
+    missing = tmp_path / "nowhere.pth"
+    assert run_main(["--config", "dino_tiny", "--output-dir", str(tmp_path / "run"), "--opt", *TINY,
+                     f"model.backbone_weights={missing}"]) == 2
+    assert f"error: model.backbone_weights='{missing}': no such file" in capsys.readouterr().err
 
 
 def test_tools_build_without_download_and_read_config_beside_safetensors(tmp_path, downloads, capsys) -> None:
@@ -179,14 +199,15 @@ def test_checkpoint_of_another_model_is_one_message(tmp_path, capsys) -> None:
                    str(tmp_path / "eval"), "--opt", *TINY, "model.dim_feedforward=96"])
     err = capsys.readouterr().err
     assert rc == 2 and "Traceback" not in err
-    assert f"--resume {ckpt} does not fit the model built from the config (12 tensor(s) of another shape" in err
+    assert f"--resume {ckpt} does not fit the model built from the config (12 tensor(s) of another" in err
     assert "checkpoint [128, 64] vs model [96, 64]" in err and "Drop --config" in err
     assert len(err.splitlines()) < 15
 
 
 def test_pretrained_shape_mismatch_names_skip_mismatched_which_works(tmp_path, capsys) -> None:
     ckpt = tiny_checkpoint(tmp_path / "tiny.pth")
-    argv = ["--config", "dino_tiny", "--eval", "--pretrained", str(ckpt), "--output-dir", str(tmp_path / "ft"),
+    argv = ["--config", "dino_tiny", "--eval", "--pretrained", str(ckpt), "--output-dir",
+            str(tmp_path / "ft"),
             "--opt", *TINY, "model.dim_feedforward=96"]
     assert run_main(argv) == 2
     err = capsys.readouterr().err
@@ -265,3 +286,16 @@ def test_resume_auto_on_a_finished_run_says_so_and_changes_nothing(tmp_path, cap
     assert "--opt optim.epochs=N with N > 2" in out and "--eval --resume" in out
     assert (tmp_path / "log.jsonl").read_text() == log_before
     assert (tmp_path / "checkpoint_last.pth").stat().st_mtime_ns == ckpt_mtime
+
+
+def test_tools_report_bad_input_files_as_one_message(tmp_path, capsys) -> None:
+    import importlib
+
+    visualize = importlib.import_module("tools.visualize_uncertainty")
+    broken = tmp_path / "dets.json"
+    broken.write_text("[{")
+    assert visualize.main(["--detections", str(broken), "--out", str(tmp_path / "v.png")]) == 2
+    assert f"error: results file {broken} is not valid JSON" in capsys.readouterr().err
+    broken.write_text(json.dumps([{"image_id": 1, "bbox": [0, 0, 2, 2], "score": 0.9}]))
+    assert visualize.main(["--detections", str(broken), "--out", str(tmp_path / "v.png")]) == 2
+    assert "1 of 1 detections have no 'uncertainty'" in capsys.readouterr().err

@@ -35,7 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files (jpg/png)")
     p.add_argument("--checkpoint", required=True,
-                   help="our training checkpoint, an official one, or a .safetensors export (config.json beside it)")
+                   help="our training checkpoint, an official one, or a .safetensors export "
+                        "(config.json beside it)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None,
                    help="config name/path (default: the config stored in the checkpoint)")

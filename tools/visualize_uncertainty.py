@@ -14,7 +14,6 @@ writes with ugs.enabled=true, docs/conventions.md).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -36,21 +35,23 @@ COLORBAR_PX = 110  # extra width (pixels) right of the image for the colourbar
 
 
 def check_detections(detections: Sequence[dict], source: str = "detections") -> None:
-    """Raise naming the first malformed entry (COCO result + uncertainty)."""
+    """Raise CocoEvalError (a ValueError) naming the first malformed entry (COCO result + uncertainty)."""
+    from datasets.coco_eval import CocoEvalError
+
     missing = [i for i, d in enumerate(detections) if "uncertainty" not in d]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} of {len(detections)} detections have no 'uncertainty' "
-                         f"(first: index {missing[0]}); write results with ugs.enabled=true")
+        raise CocoEvalError(f"{source}: {len(missing)} of {len(detections)} detections have no 'uncertainty' "
+                            f"(first: index {missing[0]}); write results with ugs.enabled=true")
     for i, d in enumerate(detections):
         unc = d["uncertainty"]
         ok = (len(d.get("bbox", ())) == 4 and isinstance(unc, dict) and len(unc.get("std_xyxy_px", ())) == 4
               and isinstance(unc.get("entropy"), (int, float)) and isinstance(d.get("score"), (int, float)))
         if not ok:
-            raise ValueError(f"{source}[{i}]: expected bbox [x, y, w, h], score, and uncertainty "
-                             f"{{std_xyxy_px: [4], entropy}}, got {d}")
+            raise CocoEvalError(f"{source}[{i}]: expected bbox [x, y, w, h], score, and uncertainty "
+                                f"{{std_xyxy_px: [4], entropy}}, got {d}")
         vals = [*d["bbox"], *unc["std_xyxy_px"], unc["entropy"], d["score"]]
         if not all(math.isfinite(float(v)) for v in vals) or min(unc["std_xyxy_px"]) < 0:
-            raise ValueError(f"{source}[{i}]: non-finite value or negative std in {d}")
+            raise CocoEvalError(f"{source}[{i}]: non-finite value or negative std in {d}")
 
 
 def draw_uncertainty(image: np.ndarray, detections: Sequence[dict], out_path: str | Path, *,
@@ -136,7 +137,7 @@ def _load_image(path: Path) -> np.ndarray:
     from PIL import Image
 
     if not path.is_file():
-        raise FileNotFoundError(f"--image {path} does not exist")
+        raise SystemExit(f"error: --image {path} does not exist")
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -232,9 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         detections = detect(image, args.config, args.opt, args.checkpoint)
         detections, dropped = _select(detections, 0, args.min_score, args.top_k)
     elif args.detections:
-        detections = json.loads(args.detections.read_text())
-        if not isinstance(detections, list):
-            raise SystemExit(f"{args.detections}: expected a COCO results list")
+        from datasets.coco_eval import load_results
+
+        detections, _ = load_results(args.detections)  # CocoEvalError: missing file, bad JSON, not a list
         check_detections(detections, str(args.detections))
         detections, dropped = _select(detections, args.image_id, args.min_score, args.top_k)
     else:

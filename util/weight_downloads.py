@@ -53,12 +53,19 @@ def backbone_weights_source(backbone: str, weights: str) -> WeightsSource:
 
 
 def check_backbone_weights_name(backbone: str, weights: str | None) -> None:
-    """A torchvision weights name that does not exist is a config error before anything is built."""
+    """A torchvision weights name that does not exist, or a local weights file that does not, is
+    a config error before anything is built."""
+    from configs import ConfigError
+    from models.backbone import is_weights_file
+
+    if is_weights_file(weights):
+        if not os.path.isfile(weights):
+            raise ConfigError(f"model.backbone_weights={weights!r}: no such file (a local state dict of "
+                              f"the {backbone} backbone; or a torchvision weights name, or null)")
+        return
     if weights is None or backbone.startswith("timm:"):
         return
     import torchvision
-
-    from configs import ConfigError
 
     names = list(torchvision.models.get_model_weights(backbone).__members__)
     if weights not in names:
@@ -76,13 +83,16 @@ def download_failure_message(backbone: str, weights: str, exc: BaseException) ->
     try:
         source = backbone_weights_source(backbone, weights)
         what = f"{source.description} from {source.url}"
-        where = f"put the file at {source.cache_hint}"
+        name = os.path.basename(source.url) if source.url.endswith((".pth", ".safetensors")) else "FILE.pth"
+        where = (f"point at it: --opt model.backbone_weights=/path/to/{name} (or put it at "
+                 f"{source.cache_hint})")
     except Exception:  # noqa: BLE001 - the message must not fail; say what is known
-        what, where = f"{backbone} weights {weights}", "put the file in the torch hub / Hugging Face cache"
+        what = f"{backbone} weights {weights}"
+        where = "point at it: --opt model.backbone_weights=/path/to/FILE.pth"
     return (f"model.backbone_weights={weights!r}: downloading the ImageNet weights of the {backbone} "
             f"backbone failed ({type(exc).__name__}: {str(exc).strip()[:200]}).\n"
             f"  It needs {what}. Ways out:\n"
-            f"  - offline: download that file on a machine with access and {where}, then run again;\n"
+            f"  - offline: download that file on a machine with access, then {where};\n"
             f"  - start from a full DINO checkpoint, whose weights replace the backbone's (nothing is "
             f"downloaded then): --pretrained CHECKPOINT.pth (official DINO releases: "
             f"{OFFICIAL_DINO_RELEASES}), or --resume CHECKPOINT.pth / --eval --resume CHECKPOINT.pth;\n"
