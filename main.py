@@ -41,12 +41,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.utils import DistributedDataParallelKwargs
 
 from configs import Config, dump_config
+from datasets import build_dataset
+from datasets.coco_eval import format_summary
+from datasets.collate import make_collate
+from datasets.seeded import SeededSamples
+from models import build_model
+from util.checkpoint import export_safetensors, import_weights
 from util.cli import add_debug_option, entry_point
 from util.distributed import seed_everything
+from util.ema import ModelEMA
 from util.engine import NonFiniteLossError, TrainSettings, TrainState, evaluate, train_one_epoch
 from util.logging import RunLogger, setup_console_logging, write_json_atomic
+from util.optim import build_optimizer, build_scheduler
+from util.plots import plot_ap_history, plot_detections, plot_loss_curves
 from util.precision import set_tf32
 from util.preflight import check_data_paths, finished_run_message, launcher_process_warning
 from util.run_start import (
@@ -108,9 +119,6 @@ class Data:
 def build_data(cfg: Config, with_train: bool = True) -> Data:
     """Datasets from the data section (datasets.build_dataset), with the evaluation GT.
     `with_train=False` (evaluation only) leaves the training split unread (train=None)."""
-    from datasets import build_dataset
-    from datasets.collate import make_collate
-
     train = build_dataset(cfg.data, "train") if with_train else None
     val = build_dataset(cfg.data, "val")
     names = None
@@ -130,8 +138,6 @@ def build_loaders(cfg: Config, data: Data, num_workers: int, pin_memory: bool
     at each epoch -- and each sample's augmentation of (seed, epoch, index), so a resumed run sees
     the same batches as an uninterrupted one. The train loader's dataset is a SeededSamples
     (None when `data.train` is None)."""
-    from datasets.seeded import SeededSamples
-
     generator = torch.Generator()
     generator.manual_seed(cfg.runtime.seed)
     train = None
@@ -203,9 +209,6 @@ def loader_transfers_non_blocking(pin_memory: bool, cuda: bool) -> bool:
 
 
 def make_accelerator(cfg: Config) -> Any:
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import DistributedDataParallelKwargs
-
     # accelerate only starts a multi-process CPU group (gloo) when asked for the CPU; under
     # torchrun on a machine without CUDA, ask for it, or each process would run alone.
     cpu = not torch.cuda.is_available() and os.environ.get("LOCAL_RANK") is not None
@@ -233,14 +236,11 @@ def build(args: argparse.Namespace, start: Start, accelerator: Any, build_model_
     """Model (with --pretrained imported, the --resume checkpoint checked against it), data,
     optimizer, schedule, loaders, EMA, prepared by accelerate."""
     cfg = start.cfg
-    if build_model_fn is None:
-        from models import build_model as build_model_fn
+    build_model_fn = build_model_fn or build_model
     build_cfg = config_for_building(args, start)
     with explain_download_failure(build_cfg.model.backbone, build_cfg.model.backbone_weights):
         model, criterion, postprocessor = build_model_fn(build_cfg)
     if start.pretrained is not None:
-        from util.checkpoint import import_weights
-
         report = import_weights(model, start.pretrained, skip_mismatched=args.skip_mismatched)
         if accelerator.is_main_process:
             print(f"--pretrained {args.pretrained}:\n{report}", flush=True)
@@ -249,9 +249,6 @@ def build(args: argparse.Namespace, start: Start, accelerator: Any, build_model_
     if cfg.eval.num_select < cfg.eval.max_dets:
         log.warning("eval.num_select=%d < eval.max_dets=%d: at most %d detections per image exist, "
                     "so the cap is not reached", cfg.eval.num_select, cfg.eval.max_dets, cfg.eval.num_select)
-
-    from util.ema import ModelEMA
-    from util.optim import build_optimizer, build_scheduler
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim)  # per epoch: not prepared by accelerate
@@ -302,9 +299,6 @@ def evaluate_and_log(tag: str, cfg: Config, accelerator: Any, parts: Parts, stat
         parts.data.label_to_category_id, cfg.eval.max_dets, backend=cfg.eval.backend,
         num_samples=cfg.eval.num_draw_images if accelerator.is_main_process else 0)
     if accelerator.is_main_process:
-        from datasets.coco_eval import format_summary
-        from util.plots import plot_ap_history, plot_detections
-
         metrics["eval_seconds"] = round(time.time() - t0, 2)
         log.info("evaluation (%s, maxDets=%d):\n%s", tag, cfg.eval.max_dets, format_summary(metrics))
         run_logger.log_metrics(metrics, epoch=state.epoch, step=state.step)
@@ -381,8 +375,6 @@ def train(cfg: Config, accelerator: Any, parts: Parts, state: TrainState, run_lo
             state.best_metric, is_best = float(metrics["AP"]), True
         save(is_best, extra)
         if accelerator.is_main_process:
-            from util.plots import plot_loss_curves
-
             plot_loss_curves(out_dir / "log.jsonl", out_dir / "plots" / "loss_curves.png")
         metrics = metrics if last else None
         if last:
@@ -447,8 +439,6 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
 def _finish(args: argparse.Namespace, accelerator: Any, model: torch.nn.Module, out_dir: Path,
             run_logger: RunLogger) -> None:
     if args.export_safetensors and accelerator.is_main_process:
-        from util.checkpoint import export_safetensors
-
         path = export_safetensors(accelerator.unwrap_model(model).state_dict(),
                                   out_dir / "model.safetensors",
                                   metadata={"layout": "official DINO state_dict"})
