@@ -84,8 +84,7 @@ def download_failure_message(backbone: str, weights: str, exc: BaseException) ->
         source = backbone_weights_source(backbone, weights)
         what = f"{source.description} from {source.url}"
         name = os.path.basename(source.url) if source.url.endswith((".pth", ".safetensors")) else "FILE.pth"
-        where = (f"point at it: --opt model.backbone_weights=/path/to/{name} (or put it at "
-                 f"{source.cache_hint})")
+        where = f"point at it: --opt model.backbone_weights=/path/to/{name}, or put it at {source.cache_hint}"
     except Exception:  # noqa: BLE001 - the message must not fail; say what is known
         what = f"{backbone} weights {weights}"
         where = "point at it: --opt model.backbone_weights=/path/to/FILE.pth"
