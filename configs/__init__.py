@@ -42,7 +42,13 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
     if path.suffix == ".json":
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        cfg = from_dict(Config, json.loads(path.read_text()))
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"config file {path} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} holds a {type(data).__name__}, expected a JSON object")
+        cfg = from_dict(Config, data)
     elif path.suffix == ".py":
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
@@ -57,6 +63,28 @@ def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config
     return apply_overrides(cfg, overrides)
 
 
+def stored_config(checkpoint_path: str | Path, checkpoint: dict | None = None) -> tuple[Config, str] | None:
+    """The config a checkpoint was made with, and where it came from; None when it has none.
+
+    Looked up in this order: the checkpoint's "config" entry (our training checkpoints), its
+    "args" (official DINO checkpoints), then config.json beside the file (a safetensors export,
+    or tools/import_official.py's output folder).
+    """
+    path = Path(checkpoint_path)
+    if checkpoint is not None and isinstance(checkpoint.get("config"), dict):
+        try:
+            return from_dict(Config, checkpoint["config"]), f"the config stored in {path}"
+        except ConfigError as err:
+            raise ConfigError(f"{path}: its stored config does not fit this code ({err}); "
+                              "pass --config NAME to build the model from one of ours") from None
+    if checkpoint is not None and "args" in checkpoint:
+        return from_official_args(checkpoint["args"]), f"the official arguments stored in {path}"
+    beside = path.parent / "config.json"
+    if beside.is_file():
+        return load_config(str(beside)), f"{beside} (beside {path.name})"
+    return None
+
+
 def from_official_args(args):  # noqa: ANN001 - dict or argparse.Namespace
     """Turn an official DINO argument set into our Config (see configs/official.py)."""
     from configs.official import from_official_args as convert
@@ -65,4 +93,4 @@ def from_official_args(args):  # noqa: ANN001 - dict or argparse.Namespace
 
 
 __all__ = ["Config", "ConfigError", "load_config", "apply_overrides", "dump_config",
-           "from_dict", "to_dict", "available_configs", "from_official_args"]
+           "from_dict", "to_dict", "available_configs", "from_official_args", "stored_config"]

@@ -25,8 +25,9 @@ class ModelConfig:
     # ResNet: torchvision weights enum name loaded at build time (official: ImageNet). Swin: path
     # of an ImageNet Swin checkpoint (official release layout, e.g.
     # swin_large_patch4_window12_384_22k.pth), loaded into the backbone alone. timm: any value means
-    # "pretrained=True". None = random init (enough when an official DINO checkpoint is loaded
-    # afterwards with --pretrained).
+    # "pretrained=True". A ResNet/timm value ending in .pth/.pt/.safetensors loads that local file
+    # instead (offline: the file torchvision or timm would download). None = random init (enough
+    # when an official DINO checkpoint is loaded afterwards with --pretrained).
     backbone_weights: str | None = "IMAGENET1K_V1"
     # Swin only (official options): stages kept frozen (-1 none, 0 the patch embedding, k >= 2 also
     # stages 0..k-2), stochastic depth of the last block (linear from 0), and activation

@@ -65,7 +65,7 @@ def write_data_report(output_dir: str | Path, datasets: Mapping[str, Any], only_
 
     from util.logging import write_json_atomic
 
-    report = {name: dataset_report(ds) for name, ds in datasets.items()}
+    report = {name: dataset_report(ds) for name, ds in datasets.items() if ds is not None}  # no train set with --eval
     path = Path(output_dir) / REPORT_NAME
     previous: dict = {}
     if only_changes and path.is_file():

@@ -47,6 +47,26 @@ class FrozenBatchNorm2d(nn.Module):
         return x * scale + shift
 
 
+WEIGHT_FILE_SUFFIXES = (".pth", ".pt", ".safetensors")
+
+
+def is_weights_file(weights: str | None) -> bool:
+    """`weights` names a local file (offline use) rather than a torchvision weights name."""
+    return weights is not None and weights.endswith(WEIGHT_FILE_SUFFIXES)
+
+
+def load_backbone_file(net: nn.Module, path: str) -> None:
+    """The backbone's ImageNet weights from a local state-dict file (the file torchvision or timm
+    would download), strictly: every tensor of the network, nothing else."""
+    from util.checkpoint import CheckpointError, import_weights, load_weights_file
+
+    report = import_weights(net, load_weights_file(path), num_classes_changed_ok=False)
+    if report.missing or report.unexpected:
+        raise CheckpointError(f"model.backbone_weights={path}: not a state dict of this backbone "
+                              f"({len(report.missing)} tensors missing, e.g. {report.missing[:2]}; "
+                              f"{len(report.unexpected)} unexpected, e.g. {report.unexpected[:2]})")
+
+
 class ResNetBody(nn.Module):
     """A torchvision ResNet without avgpool/fc, returning the requested stages (layer1..layer4).
 
@@ -57,8 +77,12 @@ class ResNetBody(nn.Module):
         super().__init__()
         if name not in ("resnet18", "resnet34", "resnet50", "resnet101"):
             raise ValueError(f"backbone '{name}': expected resnet18/34/50/101 or 'timm:<model name>'")
-        net = getattr(torchvision.models, name)(weights=weights, norm_layer=FrozenBatchNorm2d,
+        local = is_weights_file(weights)
+        net = getattr(torchvision.models, name)(weights=None if local else weights,
+                                                norm_layer=FrozenBatchNorm2d,
                                                 replace_stride_with_dilation=[False, False, False])
+        if local:
+            load_backbone_file(net, weights)
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.return_interm_indices = list(return_interm_indices)
@@ -80,13 +104,14 @@ class ResNetBody(nn.Module):
 
 
 def timm_body(name: str, return_interm_indices: Sequence[int],
-              pretrained: bool) -> tuple[nn.Module, list[int]]:
+              pretrained: bool | str) -> tuple[nn.Module, list[int]]:
     """A timm model with `features_only=True` (indices are timm's feature indices, e.g. for timm
     ResNets 1..4 = layer1..layer4) and its output channels. Every parameter trains."""
     import timm  # only needed for this option
 
-    model = timm.create_model(name, pretrained=pretrained, features_only=True,
-                              out_indices=tuple(return_interm_indices))
+    overlay = {"file": pretrained} if isinstance(pretrained, str) else None  # a local weights file
+    model = timm.create_model(name, pretrained=bool(pretrained), features_only=True,
+                              out_indices=tuple(return_interm_indices), pretrained_cfg_overlay=overlay)
     return model, list(model.feature_info.channels())
 
 
@@ -132,7 +157,7 @@ def build_backbone(name: str, return_interm_indices: Sequence[int], hidden_dim: 
     """`name` is a torchvision ResNet ('resnet50'; `weights` a torchvision weights name), an official
     Swin name ('swin_L_384_22k'; `weights` the path of an ImageNet Swin checkpoint, and
     `frozen_stages`, `use_checkpoint`, `drop_path_rate` as the official Swin) or 'timm:<model>'
-    (ImageNet weights if `weights`)."""
+    (ImageNet weights if `weights`: any value for timm, or a local .pth/.safetensors file)."""
     position_encoding = PositionEmbeddingSine(hidden_dim // 2, temperature_h, temperature_w)
     if name in SWIN_VARIANTS:
         swin = build_swin(name, return_interm_indices, frozen_stages=frozen_stages,
@@ -141,7 +166,8 @@ def build_backbone(name: str, return_interm_indices: Sequence[int], hidden_dim: 
             print(load_imagenet_swin(swin, weights), flush=True)
         return Backbone(swin, position_encoding)
     if name.startswith("timm:"):
-        body, channels = timm_body(name[len("timm:"):], return_interm_indices, pretrained=weights is not None)
+        pretrained = weights if is_weights_file(weights) else weights is not None
+        body, channels = timm_body(name[len("timm:"):], return_interm_indices, pretrained=pretrained)
     else:
         body = ResNetBody(name, return_interm_indices, weights)
         channels = body.num_channels

@@ -365,7 +365,7 @@ def test_corrupt_checkpoint_gives_clear_error(tmp_path: Path) -> None:
         _run(tmp_path / "run", ["--resume", str(tmp_path / "missing.pth")])
     weights_only = tmp_path / "weights.pth"
     torch.save({"model": FakeDINO().state_dict()}, weights_only)
-    with pytest.raises(ValueError, match="not a training checkpoint.*--pretrained"):
+    with pytest.raises(CheckpointError, match="not a training checkpoint.*--pretrained"):
         _run(tmp_path / "run", ["--resume", str(weights_only)])
 
 

@@ -6,7 +6,6 @@ import json
 import math
 
 import numpy as np
-import pytest
 import torch
 
 from util.plots import (ap_figure, draw_image_detections, image_detections_figure, loss_figure,

@@ -27,6 +27,7 @@ from datasets.coco import CocoDetection  # noqa: E402
 from datasets.collate import collate_detection  # noqa: E402
 from datasets.synthetic import CATEGORIES, render_image  # noqa: E402
 from datasets.transforms import build_transforms  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 
 def write_jpeg_split(folder: Path, hw: tuple[int, int], n: int, seed: int = 0) -> Path:
@@ -73,6 +74,7 @@ def _cycle(loader):  # noqa: ANN001, ANN202
         yield from loader
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", nargs="+", default=["480x640", "1500x2000"], help="HxW of the JPEGs")
@@ -86,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=int, default=4)
     parser.add_argument("--gpu-images-per-s", type=float, default=10.0,
                         help="images/s one GPU trains on (an assumption for the estimate: measure yours)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     rows = []

@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import ops  # noqa: E402
 from configs import load_config  # noqa: E402
 from models import build_model  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 from util.engine import weighted_loss  # noqa: E402
 from util.logging import json_safe  # noqa: E402
 from util.precision import tf32_mode  # noqa: E402
@@ -464,6 +465,7 @@ def cpu_forward(iters: int) -> dict:
     return {"forward_512_ms": ms, "threads": torch.get_num_threads(), "msda_backend": ops.backend()}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -491,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
                              "top ops and, on a GPU, how busy the device is during the step")
     parser.add_argument("--out", type=Path, help="also write the results JSON here (atomically)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     results: dict = {"torch": torch.__version__}
     tables: list[str] = []

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import ops  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 ENCODER_LEVELS = [(200, 334), (100, 167), (50, 84), (25, 42), (13, 21)]
 CPU_LEVELS = [(50, 84), (25, 42), (13, 21), (7, 11)]  # 1333x800 at strides 16..128: CPU-sized maps
@@ -276,6 +277,7 @@ def bench_one(impl: Impl, inputs, timer: Timer, iters: int, warmup: int, device:
 
 
 # ---- main -----------------------------------------------------------------------------------------
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
@@ -290,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--docs-path", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--partial", default=None, help="rewrite this file with the table after every row")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
+    add_debug_option(p)
     args = p.parse_args(argv)
     command = "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *(argv or sys.argv[1:])])
 

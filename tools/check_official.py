@@ -36,6 +36,7 @@ import torch  # noqa: E402
 from configs import ConfigError, from_official_args  # noqa: E402
 from models import build_model  # noqa: E402
 from models.denoising import prepare_denoising  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 # float64 on both sides: differences come from summation order only (measured <= 4e-13).
 TOLERANCE = 1e-10
@@ -310,6 +311,7 @@ def check_manifest(path: Path) -> dict[str, float]:
     return {k: float(v) for k, v in diffs.items()}
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -318,6 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", type=Path,
                         help="state-dict manifest JSON (dino_r50_5scale_state_dict_keys.json)")
     parser.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     if (args.fixture_dir is None) == (args.manifest is None):
         parser.error("give exactly one of FIXTURE_DIR or --manifest PATH")

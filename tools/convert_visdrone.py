@@ -18,8 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.visdrone import VisDroneFormatError, convert_split, format_summary  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path, help="VisDrone-DET split folder (images/, annotations/)")
@@ -30,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip and count malformed annotation lines instead of failing")
     parser.add_argument("--allow-missing", action="store_true",
                         help="convert images that have no annotation file (no annotations; counted)")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     try:
         coco, stats = convert_split(args.root, drop_ignored=args.drop_ignored,

@@ -33,6 +33,7 @@ import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from tools.benchmark_model import UGS_VARIANTS, _build_variant, make_batch  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 from util.engine import weighted_loss  # noqa: E402
 
 VIEW_OPS = frozenset({
@@ -102,6 +103,7 @@ def table(results: dict, labels: dict[str, str]) -> str:
     return "\n".join(rows)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="dino_5scale_r50_coco")
@@ -112,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="*", default=[k for k, _l, _o in UGS_VARIANTS],
                         choices=[k for k, _l, _o in UGS_VARIANTS])
     parser.add_argument("--json", action="store_true", help="print the results as JSON on the last line")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     labels = {k: label for k, label, _o in UGS_VARIANTS}

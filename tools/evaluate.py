@@ -22,8 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from datasets.coco_eval import (BACKEND_CHOICES, BACKENDS, CocoEvalError,  # noqa: E402
+from datasets.coco_eval import (BACKEND_CHOICES, BACKENDS,  # noqa: E402
                                 evaluate_detections, format_summary, metrics_to_json, resolve_backend)
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 DEFAULT_MAX_DETS = 100
 
@@ -91,11 +92,12 @@ def benchmark(num_images: int, max_dets: int, gts_per_image: int, num_categories
 def apply_config_defaults(args: argparse.Namespace) -> None:
     """Fill --max-dets and --backend left unset: from --config's eval section when given, else
     100 and auto. Sets `args.max_dets_source` (how the cap was chosen, for the printed line)."""
+    from configs import ConfigError, load_config
+
     if args.opt and not args.config:
-        raise ValueError("--opt overrides a config: pass --config NAME with it")
+        raise ConfigError("--opt overrides a config: pass --config NAME with it")
     eval_cfg = None
     if args.config:
-        from configs import load_config
 
         eval_cfg = load_config(args.config, args.opt).eval
     args.max_dets_source = ""
@@ -107,6 +109,8 @@ def apply_config_defaults(args: argparse.Namespace) -> None:
     args.backend = resolve_backend(args.backend)
 
 
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -131,12 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--benchmark-gts", type=int, default=100, help="GT boxes per synthetic image")
     parser.add_argument("--benchmark-categories", type=int, default=10)
     parser.add_argument("--benchmark-backends", nargs="+", choices=BACKENDS, default=list(BACKENDS))
+    add_debug_option(parser)
     args = parser.parse_args(argv)
-    try:
-        apply_config_defaults(args)
-    except ValueError as exc:  # configs.ConfigError
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
+    apply_config_defaults(args)
 
     if args.benchmark_synthetic:
         benchmark(args.benchmark_synthetic, args.max_dets, args.benchmark_gts, args.benchmark_categories,
@@ -144,12 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.gt or not args.results:
         parser.error("GT and RESULTS are required (or use --benchmark-synthetic)")
-    try:
-        metrics = evaluate_detections(args.gt, args.results, args.max_dets, backend=args.backend,
-                                      per_class=args.per_class)
-    except CocoEvalError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    metrics = evaluate_detections(args.gt, args.results, args.max_dets, backend=args.backend,
+                                  per_class=args.per_class)  # CocoEvalError: message, exit 2 (@entry_point)
     dropped = f", {metrics['num_truncated']} dropped by the per-image cap" if metrics["num_truncated"] else ""
     print(f"{args.results}: {metrics['num_detections']} detections on {metrics['num_images']} images, "
           f"{metrics['num_images_without_detections']} of them without any "

@@ -49,6 +49,7 @@ import ugs  # noqa: E402
 from tools.target_stats import (BUCKETS, batch_to, image_sizes_hw, optimizer_step, size_bucket,  # noqa: E402
                                 take, weighted_total)
 from util.box_ops import inverse_sigmoid, paired_generalized_box_iou  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 
 class HiddenStateCatcher:
@@ -324,6 +325,7 @@ def _json_safe(obj):  # noqa: ANN001, ANN202
     return obj
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
@@ -339,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", type=Path, default=Path("outputs/gradvar"), help="folder for gradvar.png/.json")
     ap.add_argument("--json", action="store_true", help="last line: a JSON object with the ratios and stats")
+    add_debug_option(ap)
     args = ap.parse_args(argv)
     if args.iters < 2 or args.warmup < 0:
         ap.error("--iters must be >= 2 and --warmup >= 0")

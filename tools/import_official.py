@@ -24,8 +24,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from configs import ConfigError, apply_overrides, dump_config, from_official_args, load_config  # noqa: E402
-from util.checkpoint import (CheckpointError, export_safetensors, extract_state_dict,  # noqa: E402
-                             import_weights, load_checkpoint)
+from util.checkpoint import (CheckpointError, export_safetensors, extract_state_dict, import_weights,  # noqa: E402
+                             load_checkpoint)
+from util.cli import add_debug_option, entry_point  # noqa: E402
+from util.run_start import without_replaced_download  # noqa: E402
+from util.weight_downloads import explain_download_failure  # noqa: E402
 
 
 def detector_state_dict(checkpoint: dict, path: str) -> dict:
@@ -62,6 +65,7 @@ def resolve_config(checkpoint: dict, official_config: str | None, config: str | 
     return apply_overrides(cfg, overrides), source
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,19 +79,19 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep the fresh initialisation for tensors whose shape differs (reported)")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when tensors were missing, unexpected or skipped")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
 
     from models import build_model  # heavy import after argument parsing
 
-    try:
-        checkpoint = load_checkpoint(args.checkpoint)
-        cfg, source = resolve_config(checkpoint, args.official_config, args.config, args.opt)
-        state_dict = detector_state_dict(checkpoint, args.checkpoint)
-        model, _, _ = build_model(cfg)
-        report = import_weights(model, state_dict, skip_mismatched=args.skip_mismatched)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    # errors (unreadable checkpoint, config, shapes) become one message and exit status 2: @entry_point
+    checkpoint = load_checkpoint(args.checkpoint)
+    cfg, source = resolve_config(checkpoint, args.official_config, args.config, args.opt)
+    state_dict = detector_state_dict(checkpoint, args.checkpoint)
+    build_cfg = without_replaced_download(cfg, state_dict, args.checkpoint)
+    with explain_download_failure(build_cfg.model.backbone, build_cfg.model.backbone_weights):
+        model, _, _ = build_model(build_cfg)
+    report = import_weights(model, state_dict, skip_mismatched=args.skip_mismatched)
 
     out_dir = Path(args.out_dir)
     config_path = dump_config(cfg, out_dir / "config.json")

@@ -23,10 +23,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs import Config, from_dict, load_config  # noqa: E402
-from util.checkpoint import extract_state_dict, import_weights, load_checkpoint  # noqa: E402
+from configs import Config  # noqa: E402
+from util.checkpoint import extract_state_dict, import_weights  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
+from util.run_start import checkpoint_config, load_model_checkpoint, without_replaced_download  # noqa: E402
 from util.logging import write_json_atomic  # noqa: E402
 from util.tiling import merge_tile_detections, tile_grid  # noqa: E402
+from util.weight_downloads import explain_download_failure  # noqa: E402
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
@@ -35,7 +38,9 @@ STD = (0.229, 0.224, 0.225)
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files (jpg/png)")
-    p.add_argument("--checkpoint", required=True, help="our training checkpoint or an official one")
+    p.add_argument("--checkpoint", required=True,
+                   help="our training checkpoint, an official one, or a .safetensors export "
+                        "(config.json beside it)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--config", default=None,
                    help="config name/path (default: the config stored in the checkpoint)")
@@ -54,17 +59,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4, help="tiles per forward pass")
     p.add_argument("--no-draw", action="store_true", help="skip the PNGs")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_debug_option(p)
     return p.parse_args(argv)
 
 
 def resolve_config(args: argparse.Namespace, ckpt: dict) -> Config:
-    if args.config is not None:
-        return load_config(args.config, args.opt)
-    if "config" not in ckpt:
-        raise SystemExit(f"{args.checkpoint} stores no config (an official checkpoint?): pass --config")
-    from configs import apply_overrides
-
-    return apply_overrides(from_dict(Config, ckpt["config"]), args.opt)
+    """--config when given, else the config stored with the checkpoint (or config.json beside it)."""
+    cfg, source = checkpoint_config(args.checkpoint, ckpt, args.config, args.opt)
+    print(f"config: {source}" + (f", with --opt {' '.join(args.opt)}" if args.opt else ""))
+    cfg.check_detections_per_image()
+    return cfg
 
 
 def label_mapping(cfg: Config, categories_file: str | None) -> tuple[dict[int, int], dict[int, str]]:
@@ -148,17 +152,21 @@ def to_records(dets: dict[str, torch.Tensor], image_id: int, l2c: dict[int, int]
     return records
 
 
+
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from models import build_model
     from util.plots import draw_image_detections
 
-    ckpt = load_checkpoint(args.checkpoint)
+    ckpt = load_model_checkpoint(args.checkpoint)
     cfg = resolve_config(args, ckpt)
     max_dets = args.max_dets or cfg.eval.max_dets
     threshold = cfg.eval.draw_score_threshold if args.score_threshold is None else args.score_threshold
-    model, _, postprocessor = build_model(cfg)
     weights = ckpt["ema"]["model"] if "ema" in ckpt and cfg.runtime.eval_ema else extract_state_dict(ckpt)
+    build_cfg = without_replaced_download(cfg, weights, f"--checkpoint {args.checkpoint}")
+    with explain_download_failure(build_cfg.model.backbone, build_cfg.model.backbone_weights):
+        model, _, postprocessor = build_model(build_cfg)
     report = import_weights(model, weights)
     if not report.clean:
         print(report)

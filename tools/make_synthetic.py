@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from datasets.synthetic import CATEGORIES, MEDIUM_AREA, SMALL_AREA  # noqa: E402
 from datasets.synthetic import generate_synthetic, size_bucket_counts  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 
 def statistics(coco: dict, generator_stats: dict) -> dict:
@@ -102,6 +103,7 @@ def plot_sample(image: np.ndarray, coco: dict, image_id: int, path: Path) -> Non
     Image.open(buffer).convert("RGB").quantize(colors=256).save(path, optimize=True)  # ~5x smaller
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--small-side", type=float, nargs=3, default=(4.0, 10.0, 31.0),
                         metavar=("MIN", "MEDIAN", "MAX"), help="small objects' side in pixels")
     parser.add_argument("--format", choices=("png", "jpg"), default="png")
+    add_debug_option(parser)
     args = parser.parse_args(argv)
     from PIL import Image
     from tqdm import tqdm

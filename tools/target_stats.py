@@ -34,6 +34,7 @@ import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from util.box_ops import inverse_sigmoid  # noqa: E402
+from util.cli import add_debug_option, entry_point  # noqa: E402
 
 SMALL_AREA, MEDIUM_AREA = 32 ** 2, 96 ** 2  # COCO size buckets, input-image pixels
 BUCKETS = ("small", "medium", "large")
@@ -325,6 +326,7 @@ def report_text(result: dict) -> str:
     return "\n".join(parts)
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True, help="named config or .py/.json path")
@@ -337,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--json", action="store_true", help="print every record as a JSON object on the last line")
+    add_debug_option(ap)
     args = ap.parse_args(argv)
     if args.batches < 1 or args.train_steps < 0:
         ap.error("--batches must be >= 1 and --train-steps >= 0")

@@ -14,7 +14,6 @@ writes with ugs.enabled=true, docs/conventions.md).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -29,25 +28,30 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from util.cli import add_debug_option, entry_point  # noqa: E402
+
 COLORBAR_PX = 110  # extra width (pixels) right of the image for the colourbar
 
 
 def check_detections(detections: Sequence[dict], source: str = "detections") -> None:
-    """Raise naming the first malformed entry (COCO result + uncertainty)."""
+    """Raise CocoEvalError (a ValueError) naming the first malformed entry (COCO result + uncertainty)."""
+    from datasets.coco_eval import CocoEvalError
+
     missing = [i for i, d in enumerate(detections) if "uncertainty" not in d]
     if missing:
-        raise ValueError(f"{source}: {len(missing)} of {len(detections)} detections have no 'uncertainty' "
-                         f"(first: index {missing[0]}); write results with ugs.enabled=true")
+        raise CocoEvalError(f"{source}: {len(missing)} of {len(detections)} detections have no 'uncertainty' "
+                            f"(first: index {missing[0]}); write results with ugs.enabled=true")
     for i, d in enumerate(detections):
         unc = d["uncertainty"]
         ok = (len(d.get("bbox", ())) == 4 and isinstance(unc, dict) and len(unc.get("std_xyxy_px", ())) == 4
               and isinstance(unc.get("entropy"), (int, float)) and isinstance(d.get("score"), (int, float)))
         if not ok:
-            raise ValueError(f"{source}[{i}]: expected bbox [x, y, w, h], score, and uncertainty "
-                             f"{{std_xyxy_px: [4], entropy}}, got {d}")
+            raise CocoEvalError(f"{source}[{i}]: expected bbox [x, y, w, h], score, and uncertainty "
+                                f"{{std_xyxy_px: [4], entropy}}, got {d}")
         vals = [*d["bbox"], *unc["std_xyxy_px"], unc["entropy"], d["score"]]
         if not all(math.isfinite(float(v)) for v in vals) or min(unc["std_xyxy_px"]) < 0:
-            raise ValueError(f"{source}[{i}]: non-finite value or negative std in {d}")
+            raise CocoEvalError(f"{source}[{i}]: non-finite value or negative std in {d}")
 
 
 def draw_uncertainty(image: np.ndarray, detections: Sequence[dict], out_path: str | Path, *,
@@ -133,7 +137,7 @@ def _load_image(path: Path) -> np.ndarray:
     from PIL import Image
 
     if not path.is_file():
-        raise FileNotFoundError(f"--image {path} does not exist")
+        raise SystemExit(f"error: --image {path} does not exist")
     with Image.open(path) as im:
         return np.asarray(im.convert("RGB"))
 
@@ -152,13 +156,18 @@ def detect(image: np.ndarray, config: str, overrides: list[str], checkpoint: Pat
     from datasets.transforms import IMAGENET_MEAN, IMAGENET_STD, official_resize_hw
     from models.build import build_model
     from util.checkpoint import extract_state_dict, import_weights, load_checkpoint
+    from util.run_start import without_replaced_download
+    from util.weight_downloads import explain_download_failure
 
     cfg = load_config(config, overrides)
     if not cfg.ugs.enabled:
         raise SystemExit(f"config {config} has ugs.enabled=false: only UGS-DINO predicts uncertainty "
                          "(use a *_ugs config or --opt ugs.ablation=full)")
-    model, _, postprocessor = build_model(cfg)
-    report = import_weights(model, extract_state_dict(load_checkpoint(checkpoint)))
+    weights = extract_state_dict(load_checkpoint(checkpoint))
+    build_cfg = without_replaced_download(cfg, weights, f"--checkpoint {checkpoint}")  # offline: no download
+    with explain_download_failure(build_cfg.model.backbone, build_cfg.model.backbone_weights):
+        model, _, postprocessor = build_model(build_cfg)
+    report = import_weights(model, weights)
     print(str(report).splitlines()[0])
     h, w = image.shape[:2]
     img = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)  # (3, H, W), a copy
@@ -211,9 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: so that the long side is at least 800 px)")
     ap.add_argument("--demo", action="store_true", help="draw synthetic detections (no JSON needed)")
     ap.add_argument("--out", type=Path, required=True, help="PNG to write")
+    add_debug_option(ap)
     return ap
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -227,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         detections = detect(image, args.config, args.opt, args.checkpoint)
         detections, dropped = _select(detections, 0, args.min_score, args.top_k)
     elif args.detections:
-        detections = json.loads(args.detections.read_text())
-        if not isinstance(detections, list):
-            raise SystemExit(f"{args.detections}: expected a COCO results list")
+        from datasets.coco_eval import load_results
+
+        detections, _ = load_results(args.detections)  # CocoEvalError: missing file, bad JSON, not a list
         check_detections(detections, str(args.detections))
         detections, dropped = _select(detections, args.image_id, args.min_score, args.top_k)
     else:
@@ -242,5 +253,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     sys.exit(main())

@@ -309,8 +309,9 @@ def import_weights(model: nn.Module, state_dict: Mapping[str, Tensor], *, num_cl
         else:
             hint = (" (class-dependent tensor: pass num_classes_changed_ok=True to re-initialise it)"
                     if _matches(key, CLASS_DEPENDENT_PATTERNS) and same_rest else "")
-            raise CheckpointError(f"shape mismatch for '{key}': {shapes}{hint}; pass skip_mismatched=True "
-                                  "to keep the model's initialisation for it")
+            raise CheckpointError(f"shape mismatch for '{key}': {shapes}{hint}; to keep the model's "
+                                  "initialisation for such tensors add --skip-mismatched (main.py, "
+                                  "tools/import_official.py; skip_mismatched=True in Python)")
     report.missing = [k for k in model_sd if k not in state_dict]
     incompatible = model.load_state_dict(to_load, strict=False)
     if incompatible.unexpected_keys:  # cannot happen: every key in to_load is a model key
