@@ -11,6 +11,7 @@ import torch
 import ugs
 from models.build import build_dino
 from models.criterion import SetCriterion
+from models.offset_baseline import OffsetDINO, OffsetSmoothL1Loss
 from models.postprocess import PostProcess
 from models.ugs_dino import UGSDINO
 from models.ugs_losses import UGSBoxLoss, UGSCriterion, ugs_weight_dict
@@ -31,6 +32,8 @@ def build_ugs(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: 
     u.check()
     if not u.enabled:
         raise ValueError("build_ugs: cfg.ugs.enabled is false")
+    if u.loss.box_loss == "smooth_l1":  # the paper's baseline: DINO's 4-output head, offsets loss
+        return build_offset_baseline(cfg, criterion, postprocessor)
     grid, interm_grid = ugs_grids(u)
     if u.ur.levels is not None and max(u.ur.levels) >= cfg.model.num_feature_levels:
         raise ValueError(f"ugs.ur.levels {u.ur.levels}: model.num_feature_levels is "
@@ -43,7 +46,21 @@ def build_ugs(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: 
     box_losses = tuple(criterion.box_losses) + (UGSBoxLoss(grid, interm_grid),)
     ugs_criterion = UGSCriterion(criterion.num_classes, criterion.matcher, weights, criterion.focal_alpha,
                                  criterion.losses, box_losses, criterion.focal_gamma, ur_weight=u.ur.weight,
-                                 ur_rho=u.ur.rho, ur_levels=u.ur.levels, ur_eps=u.ur.eps)
+                                 ur_rho=u.ur.rho, ur_levels=u.ur.levels, ur_eps=u.ur.eps,
+                                 ur_per_level=u.ur.per_level)
     post = UGSPostProcess(grid, postprocessor.num_select, postprocessor.nms_iou_threshold,
                           postprocessor.extra_keys)
     return model, ugs_criterion, post
+
+
+def build_offset_baseline(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001
+                          ) -> tuple[OffsetDINO, SetCriterion, PostProcess]:
+    """DINO trained with Smooth-L1 on the logit-space offsets in place of L1 (ugs.loss.box_loss)."""
+    u = cfg.ugs
+    weights = ugs_weight_dict(criterion.weight_dict, "smooth_l1", u.loss.ce_weight, 0.0, 0.0,
+                              aux_layers=u.loss.aux_layers, interm=u.loss.interm, dn=u.loss.dn,
+                              smooth_l1_weight=u.loss.smooth_l1_weight)
+    box_losses = tuple(criterion.box_losses) + (OffsetSmoothL1Loss(u.loss.smooth_l1_beta),)
+    offset_criterion = SetCriterion(criterion.num_classes, criterion.matcher, weights, criterion.focal_alpha,
+                                    criterion.losses, box_losses, criterion.focal_gamma)
+    return build_dino(cfg.model, OffsetDINO), offset_criterion, postprocessor

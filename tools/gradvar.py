@@ -162,14 +162,9 @@ def _ratio(a: float, b: float) -> float:
 def make_configs(config: str, overrides: list[str], variant: str):  # noqa: ANN201 - (Config, Config)
     """(baseline config, UGS config) from the same named config and overrides."""
     from configs import load_config
-    from configs.ugs import URConfig
 
     base = load_config(config, list(overrides) + ["ugs.ablation=l1"])
-    cfg = load_config(config, list(overrides))
-    cfg.ugs.ablation = variant  # applies the row's switches
-    if variant == "full" and cfg.ugs.ur.weight == 0:
-        cfg.ugs.ur.weight = URConfig().weight  # the config had UR off (e.g. demo_synthetic)
-        print(f"note: {config} has ugs.ur.weight=0; the 'full' row uses the default {cfg.ugs.ur.weight}")
+    cfg = load_config(config, list(overrides) + [f"ugs.ablation={variant}"])  # sets every field of the row
     cfg.ugs.check()
     if not cfg.ugs.enabled:
         raise ValueError(f"--variant {variant}: UGS is not enabled by this row")
