@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     # with GPUs the processes share devices, not cores: the core check is for CPU runs
-    cores = 1 << 30 if gpus else None
+    cores = 1 << 30 if (gpus or args.processes) else None  # --processes is checked below
     try:
         spec = load_spec(args.spec, cores=cores)
     except SpecError as exc:

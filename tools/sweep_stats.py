@@ -116,7 +116,8 @@ def results_markdown(doc: dict, title: str, command: str, notes: Sequence[str] =
     lines = [f"# {title}", "", f"Command: `{command}`", ""] + list(notes) + [
         "", f"Per variant: mean +- std over seeds {doc['seeds']} (seeds finished in brackets). "
         "AP_smallest: AP of the smallest COCO size bucket the validation data has. "
-        "Wall time and steps/s per run include start-up and evaluations.", "",
+        "Wall time and steps/s per run include start-up and evaluations; an attempt killed together "
+        "with the sweep is not counted.", "",
         "| variant | seeds | AP | AP50 | APs | AP_smallest | AR | wall s | steps/s |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v, e in doc["variants"].items():
