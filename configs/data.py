@@ -56,6 +56,8 @@ class DataConfig:
     # 0..this many; and the small objects' side in pixels (min, median, max), log-normal.
     synthetic_max_ignored_regions: int = 2
     synthetic_small_side_px: tuple[float, float, float] = (4.0, 10.0, 31.0)
+    # up to this many unannotated distractors (thin strokes, specks) per image; 0 = none
+    synthetic_clutter: int = 0
 
     # --- augmentation -------------------------------------------------------------------------
     train_policy: TrainPolicy = "detr"
@@ -99,6 +101,8 @@ class DataConfig:
         h, w = self.synthetic_image_size
         if h < 32 or w < 32:
             raise ConfigError(f"data.synthetic_image_size must be at least (32, 32), got {(h, w)}")
+        if self.synthetic_clutter < 0:
+            raise ConfigError(f"data.synthetic_clutter must be >= 0, got {self.synthetic_clutter}")
         if self.synthetic_max_ignored_regions < 0:
             raise ConfigError("data.synthetic_max_ignored_regions must be >= 0, got "
                               f"{self.synthetic_max_ignored_regions}")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from configs.dino_tiny import config as base_config
 from configs.schema import Config
+from configs.ugs import apply_ablation_row
 
 
 def config() -> Config:
@@ -46,7 +47,7 @@ def config() -> Config:
     # ResNet-18: 0.438 vs 0.448), i.e. more steps in the same time.
     m.dn_number = 50
 
-    cfg.ugs.ablation = "ce_in_um"  # UGS enabled: two-hot CE on the IN grid + uncertainty minimisation
+    apply_ablation_row(cfg.ugs, "ce_in_um")  # UGS enabled: two-hot CE on the IN grid + uncertainty minimisation
 
     d = cfg.data
     d.synthetic_image_size = (128, 128)

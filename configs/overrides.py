@@ -150,7 +150,13 @@ def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
                                   f"valid choices: {names}")
             if depth == len(parts) - 1:
                 tp = _field_types(type(node))[part]
-                setattr(node, part, coerce(raw, tp, key))
+                value = coerce(raw, tp, key)
+                if key == "ugs.ablation":  # a row sets several fields: configs/ugs.py
+                    from configs.ugs import apply_ablation_row
+
+                    apply_ablation_row(node, value)
+                else:
+                    setattr(node, part, value)
             else:
                 node = getattr(node, part)
     validate(cfg)

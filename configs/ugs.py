@@ -2,18 +2,22 @@
 
 The defaults hold the paper's best values (lambda_1 = lambda_2 = rho = 0.5, alpha = 1) with the
 method switched off (`enabled = False`), so a DINO config is the L1 baseline and a `*_ugs` config
-sets `enabled = True`. Each row of the paper's ablation (Table 6) is one override of `ablation`:
+turns it on. Each row of the paper's ablation (Table 6), plus the Smooth-L1 baseline, is one
+override of `ablation` (table in `ABLATION_ROWS`):
 
-    ugs.ablation=l1          L1 baseline        enabled=False
-    ugs.ablation=ce_uniform  CE, uniform grid   enabled, box_loss=ce, grid.kind=uniform, um=0, ur=0
-    ugs.ablation=ce_in       CE + IN grid       enabled, box_loss=ce, grid.kind=in,      um=0, ur=0
-    ugs.ablation=ce_in_um    + UM               enabled, box_loss=ce, grid.kind=in,      ur=0
-    ugs.ablation=full        + UR               enabled, box_loss=ce, grid.kind=in
+    ugs.ablation=l1               L1 baseline (DINO)     enabled=False
+    ugs.ablation=smooth_l1        Smooth-L1, beta 1      on the logit-space offsets, 4-output head
+    ugs.ablation=smooth_l1_ninth  Smooth-L1, beta 1/9    idem
+    ugs.ablation=ce_uniform       CE, uniform grid       um=0, ur=0
+    ugs.ablation=ce_in            CE + IN grid           um=0, ur=0
+    ugs.ablation=ce_in_um         + UM                   um=0.5, ur=0
+    ugs.ablation=full             + UR                   um=0.5, ur=0.5, rho=0.5
 
-Setting `ablation` (in the constructor, as an attribute or as an override) writes those switches
-into the fields below, which stay the single source of truth that builders read (the dumped config
-shows the applied values). Weights that a row keeps on keep their configured value (the paper's
-0.5 by default). `check()` rejects a later override that contradicts the chosen row;
+`apply_ablation_row(ugs_cfg, row)` writes every field the row controls (to the paper's value or to
+0), whatever the config held before, and records the row in `ablation`; `apply_overrides` calls it
+for a `ugs.ablation=<row>` override, in order with the other overrides, so an override after the
+row can still change a weight (`ugs.loss.um_weight=0.3`). `check()` rejects a config that
+contradicts its row's switches (a component switched on or off against the row);
 `ablation=custom` (the default) imposes nothing.
 """
 from __future__ import annotations
@@ -24,7 +28,27 @@ from typing import Literal
 
 from configs.overrides import ConfigError
 
-ABLATION_ROWS = ("custom", "l1", "ce_uniform", "ce_in", "ce_in_um", "full")
+# The paper's best values, which the rows write (ugs_method.md sections 3, 7, 8).
+PAPER_ALPHA, PAPER_UM_WEIGHT, PAPER_UR_WEIGHT, PAPER_RHO = 1.0, 0.5, 0.5, 0.5
+
+# row -> {dotted field under `ugs`: value}. A row sets every field it controls; "custom" none.
+_CE = {"enabled": True, "loss.box_loss": "ce", "grid.alpha": PAPER_ALPHA}
+_OFFSETS = {"enabled": True, "loss.box_loss": "smooth_l1", "loss.um_weight": 0.0, "ur.weight": 0.0}
+ABLATION_ROWS: dict[str, dict[str, object]] = {
+    "custom": {},
+    "l1": {"enabled": False},
+    "smooth_l1": {**_OFFSETS, "loss.smooth_l1_beta": 1.0},
+    "smooth_l1_ninth": {**_OFFSETS, "loss.smooth_l1_beta": 1.0 / 9.0},
+    "ce_uniform": {**_CE, "grid.kind": "uniform", "loss.um_weight": 0.0, "ur.weight": 0.0},
+    "ce_in": {**_CE, "grid.kind": "in", "loss.um_weight": 0.0, "ur.weight": 0.0},
+    "ce_in_um": {**_CE, "grid.kind": "in", "loss.um_weight": PAPER_UM_WEIGHT, "ur.weight": 0.0},
+    "full": {**_CE, "grid.kind": "in", "loss.um_weight": PAPER_UM_WEIGHT, "ur.weight": PAPER_UR_WEIGHT,
+             "ur.rho": PAPER_RHO},
+}
+# Fields a later override may tune without leaving the row: weights may change but not switch
+# on or off (checked as > 0 vs 0); these may take any valid value.
+_TUNABLE = {"grid.alpha", "ur.rho", "loss.smooth_l1_beta"}
+_WEIGHTS = {"loss.um_weight", "ur.weight"}
 
 
 def _positive(value: float, key: str, allow_zero: bool = False) -> None:
@@ -64,7 +88,10 @@ class GridConfig:
 class LossConfig:
     """Localisation losses on matched queries (criterion), normalised by num_boxes like DINO's."""
 
-    box_loss: Literal["ce", "l1"] = "ce"  # ce: two-hot CE replaces L1; l1: L1 on decoded boxes
+    # ce: two-hot CE replaces L1; l1: L1 on the decoded boxes (distribution head kept);
+    # smooth_l1: the paper's baseline, Smooth-L1 on the logit-space offsets the CE targets use,
+    # predicted directly by DINO's 4-output head (no bins, so no UM and no UR)
+    box_loss: Literal["ce", "l1", "smooth_l1"] = "ce"
     # Weight of L_CE (mean over the 4 coordinates) in place of DINO's bbox coefficient 5.0. Eq. 16
     # adds L_loc with weight 1 next to the classification loss (coefficient 1 in DINO), and CE is in
     # nats (log(n+1) ~ 2.8 at init) rather than normalised-box L1 (~0.1 per coordinate), so 1.0.
@@ -75,10 +102,15 @@ class LossConfig:
     aux_layers: bool = True  # decoder layers 0 .. L-2
     interm: bool = True  # encoder proposals
     dn: bool = True  # denoising positives (all decoder layers)
+    # Smooth-L1 on the offsets: sum over the 4 coordinates (like the L1 it replaces), / num_boxes
+    smooth_l1_beta: float = 1.0  # quadratic below beta (1.0, or 1/9 as in Faster R-CNN)
+    smooth_l1_weight: float = 1.0
 
     def check(self) -> None:
         _positive(self.ce_weight, "ugs.loss.ce_weight", allow_zero=True)
         _positive(self.um_weight, "ugs.loss.um_weight", allow_zero=True)
+        _positive(self.smooth_l1_beta, "ugs.loss.smooth_l1_beta")
+        _positive(self.smooth_l1_weight, "ugs.loss.smooth_l1_weight", allow_zero=True)
 
 
 @dataclass
@@ -89,6 +121,9 @@ class URConfig:
     rho: float = 0.5  # perturbation radius per image and level (L2 over positions and channels)
     levels: list[int] | None = None  # encoder feature levels to perturb; None = all
     eps: float = 1e-12  # in delta = rho g / (||g|| + eps)
+    # false: one joint pass, all levels perturbed at once (cheaper); true: the paper's literal
+    # sum over levels of L_UR^l, one decoder pass per level with only that level perturbed
+    per_level: bool = False
 
     def check(self) -> None:
         _positive(self.weight, "ugs.ur.weight", allow_zero=True)
@@ -109,56 +144,31 @@ class InitConfig:
 @dataclass
 class UGSConfig:
     enabled: bool = False
-    ablation: Literal["custom", "l1", "ce_uniform", "ce_in", "ce_in_um", "full"] = "custom"
+    ablation: Literal["custom", "l1", "smooth_l1", "smooth_l1_ninth", "ce_uniform", "ce_in", "ce_in_um",
+                      "full"] = "custom"
     grid: GridConfig = field(default_factory=GridConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     ur: URConfig = field(default_factory=URConfig)
     init: InitConfig = field(default_factory=InitConfig)
 
-    def __setattr__(self, name: str, value: object) -> None:
-        object.__setattr__(self, name, value)
-        # During __init__ the sections do not exist yet; __post_init__ applies the row then.
-        if name == "ablation" and "ur" in self.__dict__ and "loss" in self.__dict__:
-            self._apply_row(str(value))
-
-    def __post_init__(self) -> None:
-        self._apply_row(self.ablation)  # UGSConfig(ablation="ce_in") means the same as setting it
-
-    def _apply_row(self, row: str) -> None:
-        if row == "custom":
-            return
-        if row not in ABLATION_ROWS:
-            raise ConfigError(f"ugs.ablation: {row!r} is not one of {list(ABLATION_ROWS)}")
-        if row == "l1":
-            self.enabled = False
-            return
-        self.enabled = True
-        self.loss.box_loss = "ce"
-        self.grid.kind = "uniform" if row == "ce_uniform" else "in"
-        if row in ("ce_uniform", "ce_in"):
-            self.loss.um_weight = 0.0
-        if row != "full":
-            self.ur.weight = 0.0
-
     def row_violations(self) -> list[str]:
-        """Fields that contradict `ablation` (empty for custom)."""
-        row, bad = self.ablation, []
-        if row == "custom":
-            return bad
-        if row == "l1":
-            return [] if not self.enabled else ["enabled must be false"]
-        if not self.enabled:
-            bad.append("enabled must be true")
-        if self.loss.box_loss != "ce":
-            bad.append("loss.box_loss must be ce")
-        want_kind = "uniform" if row == "ce_uniform" else "in"
-        if self.grid.kind != want_kind:
-            bad.append(f"grid.kind must be {want_kind}")
-        um_on, ur_on = row in ("ce_in_um", "full"), row == "full"
-        if (self.loss.um_weight > 0) != um_on:
-            bad.append(f"loss.um_weight must be {'> 0' if um_on else '0'}")
-        if (self.ur.weight > 0) != ur_on:
-            bad.append(f"ur.weight must be {'> 0' if ur_on else '0'}")
+        """Fields that contradict `ablation`'s switches (empty for custom and for `l1`, whose
+        other fields are unused)."""
+        row = ABLATION_ROWS.get(self.ablation)
+        if row is None:
+            return [f"{self.ablation!r} is not one of {list(ABLATION_ROWS)}"]
+        if not self.enabled and not row.get("enabled", True):
+            return []
+        bad = []
+        for key, want in row.items():
+            if key in _TUNABLE:
+                continue
+            have = _get(self, key)
+            if key in _WEIGHTS:
+                if (have > 0) != (want > 0):
+                    bad.append(f"{key} must be {'> 0' if want > 0 else '0'}")
+            elif have != want:
+                bad.append(f"{key} must be {str(want).lower() if isinstance(want, bool) else want}")
         return bad
 
     def check(self) -> None:
@@ -166,9 +176,30 @@ class UGSConfig:
         if bad:
             raise ConfigError(f"ugs.ablation={self.ablation}: " + "; ".join(bad) + " (an override after "
                              "the ablation row contradicts it; drop one, or use ugs.ablation=custom)")
+        if self.enabled and self.loss.box_loss == "smooth_l1" and (self.loss.um_weight > 0 or self.ur.weight > 0):
+            raise ConfigError("ugs.loss.box_loss=smooth_l1 predicts offsets with a 4-output head: no bins, "
+                              "so ugs.loss.um_weight and ugs.ur.weight must be 0")
 
     def grid_range(self, interm: bool = False) -> float:
         """R of the decoder box heads, or of the encoder-proposal head with interm=True."""
         if interm and self.grid.interm_range is not None:
             return self.grid.interm_range
         return self.grid.range
+
+
+def _get(section: object, dotted: str) -> object:
+    for part in dotted.split("."):
+        section = getattr(section, part)
+    return section
+
+
+def apply_ablation_row(u: UGSConfig, row: str) -> UGSConfig:
+    """Set `u.ablation = row` and every field the row controls (ABLATION_ROWS), in place; returns
+    `u`. Works from any starting config: a row does not depend on what was there before."""
+    if row not in ABLATION_ROWS:
+        raise ConfigError(f"ugs.ablation: {row!r} is not one of {list(ABLATION_ROWS)}")
+    u.ablation = row  # type: ignore[assignment]
+    for key, value in ABLATION_ROWS[row].items():
+        *path, name = key.split(".")
+        setattr(_get(u, ".".join(path)) if path else u, name, value)
+    return u

@@ -66,12 +66,13 @@ def transforms_from_config(data: DataConfig, train: bool):  # noqa: ANN201 - v2.
 
 @functools.lru_cache(maxsize=4)
 def _synthetic_split(num_images: int, image_size: tuple[int, int], min_objects: int, max_objects: int,
-                     seed: int, max_ignored_regions: int, small_side: tuple[float, float, float]
-                     ) -> tuple[dict, dict]:
+                     seed: int, max_ignored_regions: int, small_side: tuple[float, float, float],
+                     clutter: int = 0) -> tuple[dict, dict]:
     from datasets.synthetic import generate_synthetic
 
     coco, images, _ = generate_synthetic(num_images, image_size, min_objects, max_objects, seed,
-                                         max_ignored_regions=max_ignored_regions, small_side=small_side)
+                                         max_ignored_regions=max_ignored_regions, small_side=small_side,
+                                         clutter=clutter)
     return coco, images
 
 
@@ -91,7 +92,8 @@ def build_dataset(data: DataConfig, split: str) -> CocoDetection:
         n = data.synthetic_train_images if train else data.synthetic_val_images
         coco, images = _synthetic_split(n, tuple(data.synthetic_image_size), data.synthetic_min_objects,
                                         data.synthetic_max_objects, seed, data.synthetic_max_ignored_regions,
-                                        tuple(float(v) for v in data.synthetic_small_side_px))
+                                        tuple(float(v) for v in data.synthetic_small_side_px),
+                                        data.synthetic_clutter)
         dataset = CocoDetection(coco, images, **common)
         dataset.source = f"synthetic {split} set (seed {seed}, {n} images)"   # names it in reports
         return dataset

@@ -139,6 +139,30 @@ def _draw(img: np.ndarray, idmap: np.ndarray | None, obj_id: int, cls: int, y: i
 SMALL_SIDE_PX = (4.0, 10.0, 31.0)                  # small objects' side: (min, median, max) pixels
 
 
+def _clutter(img: np.ndarray, rng: np.random.Generator, count: int) -> None:
+    """Unannotated distractors, like debris and markings in aerial images: thin strokes (1-2 px
+    wide, 4-24 px long) and irregular specks (clusters of 2-5 single-pixel-to-3-px dots), in object-like
+    colours. None has the shape of a class, so a detector must tell them from small objects."""
+    H, W = img.shape[:2]
+    yy, xx = np.mgrid[0:H, 0:W]
+    for _ in range(count):
+        colour = _colours(rng)[0]
+        cy, cx = rng.uniform(0, H), rng.uniform(0, W)
+        if rng.random() < 0.5:  # stroke
+            angle, length = rng.uniform(0, np.pi), rng.uniform(4, 24)
+            width = rng.uniform(0.5, 1.0)
+            dx, dy = np.cos(angle), np.sin(angle)
+            along = (xx - cx) * dx + (yy - cy) * dy
+            across = np.abs(-(xx - cx) * dy + (yy - cy) * dx)
+            mask = (np.abs(along) <= length / 2) & (across <= width)
+        else:  # speck cluster
+            mask = np.zeros((H, W), dtype=bool)
+            for _ in range(int(rng.integers(2, 6))):
+                py, px = cy + rng.normal(0, 3), cx + rng.normal(0, 3)
+                mask |= (yy - py) ** 2 + (xx - px) ** 2 <= rng.uniform(0.3, 2.3)
+        img[mask] = 0.3 * img[mask] + 0.7 * colour
+
+
 def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool,
                  small_side: tuple[float, float, float] = SMALL_SIDE_PX) -> tuple[int, int]:
     """(h, w) with area mostly small (< 32^2), some medium, few large (>= 96^2); the small ones'
@@ -159,15 +183,20 @@ def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool,
 
 def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256), min_objects: int = 10,
                  max_objects: int = 200, max_ignored_regions: int = 2,
-                 small_side: tuple[float, float, float] = SMALL_SIDE_PX
+                 small_side: tuple[float, float, float] = SMALL_SIDE_PX, clutter: int = 0
                  ) -> tuple[np.ndarray, list[dict], list[tuple[int, int, int, int]], Counter]:
     """One scene: `(image uint8 (H, W, 3), objects, ignored regions (x, y, w, h), stats)`.
 
     Each object is `{category_id, bbox [x, y, w, h], visibility}` (amodal box; visibility = the
-    fraction of its pixels left uncovered by objects drawn later)."""
+    fraction of its pixels left uncovered by objects drawn later). `clutter`: up to this many
+    unannotated distractors under the objects, from their own random stream, so the scene's
+    objects are the same with and without them."""
     rng = np.random.default_rng([seed, index])
     H, W = image_size
     img = _background(rng, H, W)
+    if clutter > 0:
+        clutter_rng = np.random.default_rng([seed, index, 1])
+        _clutter(img, clutter_rng, int(clutter_rng.integers(clutter // 2, clutter + 1)))
     stats: Counter = Counter()
     regions = []
     for _ in range(rng.integers(0, max_ignored_regions + 1)):
@@ -224,7 +253,7 @@ def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256)
 def generate_synthetic(num_images: int, image_size: tuple[int, int] = (256, 256), min_objects: int = 10,
                        max_objects: int = 200, seed: int = 0, file_ext: str = "png",
                        max_ignored_regions: int = 2, small_side: tuple[float, float, float] = SMALL_SIDE_PX,
-                       ) -> tuple[dict, dict[int, torch.Tensor], Counter]:
+                       clutter: int = 0) -> tuple[dict, dict[int, torch.Tensor], Counter]:
     """`(coco_dict, images {image_id: uint8 (3, H, W)}, stats)` for `num_images` scenes.
 
     Ignored regions become crowd annotations (`iscrowd=1`), one per category, because COCOeval
@@ -239,7 +268,7 @@ def generate_synthetic(num_images: int, image_size: tuple[int, int] = (256, 256)
     for index in range(num_images):
         image_id = index + 1
         img, objects, regions, s = render_image(seed, index, image_size, min_objects, max_objects,
-                                                max_ignored_regions, tuple(small_side))
+                                                max_ignored_regions, tuple(small_side), clutter)
         stats.update(s)
         images[image_id] = torch.from_numpy(np.ascontiguousarray(img.transpose(2, 0, 1)))
         coco["images"].append({"id": image_id, "file_name": f"{seed:04d}_{index:06d}.{file_ext}",

@@ -3,7 +3,8 @@
 that reads `cfg.optim`'s optimiser fields (util/optim.py takes plain arguments).
 
 `build_model` picks the classes up front: DINO, SetCriterion and PostProcess, or with `cfg.ugs.enabled`
-UGSDINO and the UGS criterion and post-processor (their arguments: models/ugs_build.py).
+UGSDINO and the UGS criterion and post-processor, or the Smooth-L1 offsets baseline (the classes and
+their arguments: models/ugs_build.py).
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ from models.input_projection import InputProjection
 from models.matcher import HungarianMatcher
 from models.postprocess import PostProcess
 from models.ugs_build import ugs_parts
-from models.ugs_dino import UGSDINO
 from util.optim import adamw, param_groups, step_schedule
 
 
@@ -63,8 +63,8 @@ def build_model(cfg):  # noqa: ANN001, ANN201 - configs.Config -> (DINO, SetCrit
     postprocessor = PostProcess(num_select=cfg.eval.num_select, nms_iou_threshold=cfg.eval.nms_iou_threshold)
     if not cfg.ugs.enabled:
         return build_dino(m, DINO), criterion, postprocessor
-    ugs_kwargs, criterion, postprocessor = ugs_parts(cfg, criterion, postprocessor)
-    return build_dino(m, UGSDINO, **ugs_kwargs), criterion, postprocessor
+    model_cls, variant_kwargs, criterion, postprocessor = ugs_parts(cfg, criterion, postprocessor)
+    return build_dino(m, model_cls, **variant_kwargs), criterion, postprocessor
 
 
 def build_optimizer(model: nn.Module, optim) -> torch.optim.AdamW:  # noqa: ANN001 - configs.train.OptimConfig

@@ -1,8 +1,9 @@
 """The UGS parts of a build: the only model code that reads `cfg.ugs` (besides tools).
 
-`ugs_parts(cfg, criterion, postprocessor)` returns UGS-DINO's constructor arguments (its grids and
-switches) and turns DINO's criterion and post-processor into the UGS ones; `models.build.build_model`
-calls it when `cfg.ugs.enabled` and builds the network with the UGSDINO class.
+`ugs_parts(cfg, criterion, postprocessor)` returns the network class (UGSDINO, or OffsetDINO for the
+Smooth-L1 offsets baseline) with its constructor arguments (grids and switches) and turns DINO's
+criterion and post-processor into the ones of that variant; `models.build.build_model` calls it when
+`cfg.ugs.enabled`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import torch
 
 import ugs
 from models.criterion import SetCriterion
+from models.dino import DINO
+from models.offset_baseline import OffsetDINO, OffsetSmoothL1Loss
 from models.postprocess import PostProcess
+from models.ugs_dino import UGSDINO
 from models.ugs_losses import UGSBoxLoss, UGSCriterion, ugs_weight_dict
 from models.ugs_postprocess import UGSPostProcess
 
@@ -26,12 +30,16 @@ def ugs_grids(u) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001 - configs
 
 
 def ugs_parts(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001 - configs.Config
-              ) -> tuple[dict[str, Any], UGSCriterion, UGSPostProcess]:
-    """(UGSDINO's keyword arguments beyond DINO's, the UGS criterion, the UGS post-processor)."""
+              ) -> tuple[type[DINO], dict[str, Any], SetCriterion, PostProcess]:
+    """(the network class, its keyword arguments beyond DINO's, the criterion, the post-processor):
+    UGSDINO with the UGS criterion and post-processor, or for the Smooth-L1 offsets baseline
+    (`ugs.loss.box_loss=smooth_l1`) OffsetDINO with DINO's post-processor."""
     u = cfg.ugs
     u.check()
     if not u.enabled:
         raise ValueError("ugs_parts: cfg.ugs.enabled is false")
+    if u.loss.box_loss == "smooth_l1":  # the paper's baseline: DINO's 4-output head, offsets loss
+        return offset_baseline_parts(cfg, criterion, postprocessor)
     grid, interm_grid = ugs_grids(u)
     if u.ur.levels is not None and max(u.ur.levels) >= cfg.model.num_feature_levels:
         raise ValueError(f"ugs.ur.levels {u.ur.levels}: model.num_feature_levels is "
@@ -43,7 +51,21 @@ def ugs_parts(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: 
     box_losses = tuple(criterion.box_losses) + (UGSBoxLoss(grid, interm_grid),)
     ugs_criterion = UGSCriterion(criterion.num_classes, criterion.matcher, weights, criterion.focal_alpha,
                                  criterion.losses, box_losses, criterion.focal_gamma, ur_weight=u.ur.weight,
-                                 ur_rho=u.ur.rho, ur_levels=u.ur.levels, ur_eps=u.ur.eps)
+                                 ur_rho=u.ur.rho, ur_levels=u.ur.levels, ur_eps=u.ur.eps,
+                                 ur_per_level=u.ur.per_level)
     post = UGSPostProcess(grid, postprocessor.num_select, postprocessor.nms_iou_threshold,
                           postprocessor.extra_keys)
-    return model_kwargs, ugs_criterion, post
+    return UGSDINO, model_kwargs, ugs_criterion, post
+
+
+def offset_baseline_parts(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001
+                          ) -> tuple[type[OffsetDINO], dict[str, Any], SetCriterion, PostProcess]:
+    """DINO trained with Smooth-L1 on the logit-space offsets in place of L1 (ugs.loss.box_loss)."""
+    u = cfg.ugs
+    weights = ugs_weight_dict(criterion.weight_dict, "smooth_l1", u.loss.ce_weight, 0.0, 0.0,
+                              aux_layers=u.loss.aux_layers, interm=u.loss.interm, dn=u.loss.dn,
+                              smooth_l1_weight=u.loss.smooth_l1_weight)
+    box_losses = tuple(criterion.box_losses) + (OffsetSmoothL1Loss(u.loss.smooth_l1_beta),)
+    offset_criterion = SetCriterion(criterion.num_classes, criterion.matcher, weights, criterion.focal_alpha,
+                                    criterion.losses, box_losses, criterion.focal_gamma)
+    return OffsetDINO, {}, offset_criterion, postprocessor

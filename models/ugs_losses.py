@@ -75,29 +75,41 @@ def _set_on(suffix: str, aux_layers: bool, interm: bool, dn: bool) -> bool:
     return aux_layers if _AUX.match(suffix) else False
 
 
+def _set_multiplier(weight_dict: dict[str, float], suffix: str) -> float:
+    """DINO's per-set multiplier of the box terms (interm_loss_coef, 0 with no_interm_box_loss),
+    read off a box term whose base weight is not 0 (GIoU may be switched off: giou_loss_coef=0)."""
+    for key in ("loss_giou", "loss_bbox"):
+        if weight_dict[key]:
+            return weight_dict[f"{key}{suffix}"] / weight_dict[key]
+    return 1.0
+
+
 def ugs_weight_dict(weight_dict: dict[str, float], box_loss: str, ce_weight: float, um_weight: float,
                     ur_weight: float, aux_layers: bool = True, interm: bool = True,
-                    dn: bool = True) -> dict[str, float]:
+                    dn: bool = True, smooth_l1_weight: float = 1.0) -> dict[str, float]:
     """DINO's expanded weight_dict -> the UGS one (adds loss_box_ce*, loss_um*, loss_ur).
 
     Each set keeps DINO's per-set multiplier (e.g. interm_loss_coef, or 0 with
-    no_interm_box_loss), read off as weight(loss_giou{suffix}) / weight(loss_giou).
-    box_loss "ce": CE replaces L1 where UGS is on; "l1": L1 on the decoded boxes stays, UM is added.
+    no_interm_box_loss). box_loss "ce": CE replaces L1 where UGS is on; "l1": L1 on the decoded
+    boxes stays, UM is added; "smooth_l1": `loss_box_sl1` (Smooth-L1 on the offsets,
+    models/offset_baseline.py) replaces L1 where on, and there is no UM (no bins).
     """
-    if box_loss not in ("ce", "l1"):
-        raise ValueError(f"ugs_weight_dict: box_loss must be 'ce' or 'l1', got {box_loss!r}")
+    if box_loss not in ("ce", "l1", "smooth_l1"):
+        raise ValueError(f"ugs_weight_dict: box_loss must be 'ce', 'l1' or 'smooth_l1', got {box_loss!r}")
     for key in ("loss_bbox", "loss_giou"):
         if key not in weight_dict:
             raise KeyError(f"ugs_weight_dict: DINO weight_dict has no '{key}' (keys: {sorted(weight_dict)})")
     suffixes = [k[len("loss_giou"):] for k in weight_dict if k.startswith("loss_giou")]
     out = dict(weight_dict)
-    base_giou = weight_dict["loss_giou"]
     for s in suffixes:
-        mult = weight_dict[f"loss_giou{s}"] / base_giou if base_giou else 1.0
+        mult = _set_multiplier(weight_dict, s)
         on = _set_on(s, aux_layers, interm, dn)
-        out[f"loss_box_ce{s}"] = ce_weight * mult if on and box_loss == "ce" else 0.0
-        out[f"loss_um{s}"] = um_weight * mult if on else 0.0
-        if on and box_loss == "ce":
+        if box_loss == "smooth_l1":
+            out[f"loss_box_sl1{s}"] = smooth_l1_weight * mult if on else 0.0
+        else:
+            out[f"loss_box_ce{s}"] = ce_weight * mult if on and box_loss == "ce" else 0.0
+            out[f"loss_um{s}"] = um_weight * mult if on else 0.0
+        if on and box_loss != "l1":
             out[f"loss_bbox{s}"] = 0.0  # still computed and logged
     if ur_weight > 0:  # no key when UR is off: the criterion does not compute it
         out["loss_ur"] = ur_weight
@@ -111,7 +123,9 @@ class UGSCriterion(SetCriterion):
     delta_l = rho g_l / (||g_l|| + eps) per image and level (padding untouched), decoder again on
     memory + delta (matching queries only, no denoising queries), loss_ur = sum over decoder
     layers of the entropy of the step-1-matched queries (mean over coordinates, / num_boxes); the
-    second pass runs the box head on those matched queries only (no class heads, no other loss). Skipped (not even computed)
+    second pass runs the box head on those matched queries only (no class heads, no other loss).
+    With `ur_per_level`, the paper's literal form: sum over levels l of the same loss after a pass
+    with delta_l alone (one pass per perturbed level). Skipped (not even computed)
     when ur_weight is 0; 0 when the outputs carry no `ur_context` (evaluation).
     """
 
@@ -119,12 +133,13 @@ class UGSCriterion(SetCriterion):
                  focal_alpha: float = 0.25, losses: Sequence[str] = ("labels", "boxes", "cardinality"),
                  box_losses: Sequence[BoxLossTerm] | None = None, focal_gamma: float = 2.0,
                  ur_weight: float = 0.0, ur_rho: float = 0.5, ur_levels: Sequence[int] | None = None,
-                 ur_eps: float = 1e-12) -> None:
+                 ur_eps: float = 1e-12, ur_per_level: bool = False) -> None:
         super().__init__(num_classes, matcher, weight_dict, focal_alpha, losses, box_losses, focal_gamma)
         if not any(isinstance(t, UGSBoxLoss) for t in self.box_losses):
             raise ValueError("UGSCriterion needs a UGSBoxLoss among box_losses (it provides loss_um)")
         self.ur_weight, self.ur_rho, self.ur_eps = float(ur_weight), float(ur_rho), float(ur_eps)
         self.ur_levels = None if ur_levels is None else sorted(set(int(lv) for lv in ur_levels))
+        self.ur_per_level = bool(ur_per_level)
         self.ur_passes = 0  # second decoder passes run so far (tests and benchmarks read it)
         self._matched: dict[str, MatchedPairs] = {}  # this forward's pairs per output set, for UR
 
@@ -172,11 +187,20 @@ class UGSCriterion(SetCriterion):
                 grads = [g if lv in self.ur_levels else None for lv, g in enumerate(grads)]
             masks = ctx.padding_mask.split(ctx.level_sizes, dim=1)
             deltas = ugs.ur_delta(feats, grads, self.ur_rho, masks, self.ur_eps)
-            delta = torch.cat([torch.zeros_like(f) if d is None else d for f, d in zip(feats, deltas)], dim=1)
-        with record_function("ugs_ur/second_decoder_pass"):
-            layer_logits = ctx.rerun_perturbed(delta, matched)  # L x (N_l, 4, n+1); delta is detached
-        self.ur_passes += 1
-        # sum over layers of each layer's sum = one sum over all layers' rows
-        # (no rows matched: an empty sum, 0, still attached to the box head's parameters)
-        return ugs.um_loss(torch.cat(layer_logits)).mean(-1).sum() / num_boxes
+        if self.ur_per_level:  # the paper's sum_l L_UR^l: one pass per level, only that level moved
+            perturbations = [[d if i == lv else None for i in range(len(deltas))]
+                             for lv, d in enumerate(deltas) if d is not None]
+        else:  # one joint pass, every selected level perturbed at once
+            perturbations = [deltas]
+        total = None
+        for level_deltas in perturbations:
+            delta = torch.cat([torch.zeros_like(f) if d is None else d for f, d in zip(feats, level_deltas)], dim=1)
+            with record_function("ugs_ur/second_decoder_pass"):
+                layer_logits = ctx.rerun_perturbed(delta, matched)  # L x (N_l, 4, n+1); delta is detached
+            self.ur_passes += 1
+            # sum over layers of each layer's sum = one sum over all layers' rows
+            # (no rows matched: an empty sum, 0, still attached to the box head's parameters)
+            term = ugs.um_loss(torch.cat(layer_logits)).mean(-1).sum() / num_boxes
+            total = term if total is None else total + term
+        return total
 
