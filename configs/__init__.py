@@ -16,7 +16,7 @@ from pathlib import Path
 from configs.overrides import ConfigError, apply_overrides, dump_config, from_dict, to_dict
 from configs.schema import Config
 
-_NOT_CONFIGS = {"overrides", "schema", "model", "data", "ugs", "train", "official"}
+_NOT_CONFIGS = {"overrides", "schema", "model", "data", "ugs", "train", "official", "errors"}
 
 
 def available_configs() -> list[str]:

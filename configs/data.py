@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.overrides import ConfigError
+from configs.errors import ConfigError
 
 DatasetKind = Literal["coco", "visdrone", "synthetic"]
 TrainPolicy = Literal["detr", "small_object", "none"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from configs.overrides import ConfigError
+from configs.errors import ConfigError
 
 TORCHVISION_BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 # The official DINO Swin backbones, by their official names (models/swin.py SWIN_VARIANTS).

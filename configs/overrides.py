@@ -12,9 +12,8 @@ import typing
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
-
-class ConfigError(ValueError):
-    """A config key, value or file that does not fit the schema."""
+from configs.errors import ConfigError
+from configs.ugs import apply_ablation_row
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -152,8 +151,6 @@ def apply_overrides(cfg: Any, overrides: list[str] | None) -> Any:
                 tp = _field_types(type(node))[part]
                 value = coerce(raw, tp, key)
                 if key == "ugs.ablation":  # a row sets several fields: configs/ugs.py
-                    from configs.ugs import apply_ablation_row
-
                     apply_ablation_row(node, value)
                 else:
                     setattr(node, part, value)

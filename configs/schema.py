@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from configs.data import DataConfig
 from configs.model import ModelConfig
-from configs.overrides import ConfigError
+from configs.errors import ConfigError
 from configs.train import EvalConfig, OptimConfig, RuntimeConfig
 from configs.ugs import UGSConfig
 

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.overrides import ConfigError
+from configs.errors import ConfigError
 
 
 @dataclass

@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from configs.overrides import ConfigError
+from configs.errors import ConfigError
 
 # The paper's best values, which the rows write (ugs_method.md sections 3, 7, 8).
 PAPER_ALPHA, PAPER_UM_WEIGHT, PAPER_UR_WEIGHT, PAPER_RHO = 1.0, 0.5, 0.5, 0.5
