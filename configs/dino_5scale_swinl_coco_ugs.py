@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from configs.dino_5scale_swinl_coco import config as base_config
 from configs.schema import Config
+from configs.ugs import apply_ablation_row
 
 
 def config() -> Config:
     cfg = base_config()
     cfg.name = "dino_5scale_swinl_coco_ugs"
-    cfg.ugs.ablation = "full"  # enabled, CE on the IN grid, UM and UR
+    apply_ablation_row(cfg.ugs, "full")  # enabled, CE on the IN grid, UM and UR
     return cfg
