@@ -224,7 +224,7 @@ def test_benchmark_gpu_comparison_loop_survives_a_failing_setting(monkeypatch, c
     out = capsys.readouterr().out
     assert rc == 0 and torch.backends.cuda.matmul.allow_tf32 == before
     # fp32, bf16, TF32, then the compiled one (slowest to start) last
-    assert [(c[1], c[2], c[3]) for c in calls] == [(False, 4, before), (True, 4, before), (False, 3, True),
+    assert [(c[1], c[2], c[3]) for c in calls] == [(False, 3, before), (True, 3, before), (False, 3, True),
                                                   (False, 3, before)]
     assert "model.compile_decoder_layers=true" in calls[-1][0]
     assert "compiler exploded" in out and "TF32" in out and "bf16 autocast" in out
