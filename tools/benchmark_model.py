@@ -3,7 +3,7 @@
 GPU (when one is present):
 - training step time and peak memory at batch 2 x 1333x800 for {fp32, bf16 autocast} x
   {activation checkpointing off, on}, and inference images/s (fp32, bf16);
-- DINO vs UGS-DINO training steps (the issue's target: at most +10% time and +8% peak memory with
+- DINO vs UGS-DINO training steps (the project's target: at most +10% time and +8% peak memory with
   UR on): DINO-5scale R50, fp32, 2 images of 800x1088 with 60 small boxes each; DINO
   (`ugs.ablation=l1`), UGS with UR off (`ce_in_um`) and UR on (`full`) built from the same seed;
   step times are the median of `--ugs-iters` steps run in alternating order (variant order rotates
@@ -418,7 +418,7 @@ def ugs_table(result: dict, title: str) -> str:
     return "\n".join(lines + ([f"\n{verdict}"] if verdict else []))
 
 
-# Issue 5's target for UGS with UR on against DINO, measured on the GPU.
+# The project's target for UGS with UR on against DINO (step time, peak memory), measured on the GPU.
 TARGET_TIME_RATIO, TARGET_MEMORY_RATIO = 1.10, 1.08
 
 
