@@ -492,6 +492,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
                              "top ops and, on a GPU, how busy the device is during the step")
     parser.add_argument("--out", type=Path, help="also write the results JSON here (atomically)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables here (markdown)")
     args = parser.parse_args(argv)
     results: dict = {"torch": torch.__version__}
     tables: list[str] = []
@@ -507,8 +508,10 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_comparison(setting, args, device, results, tables)
             if args.profile:
                 results["ugs_cuda_profile"], text = profile_variants(
-                    "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60)
+                    "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60,
+                    variants=UGS_VARIANTS[:3])
                 print(text, flush=True)
+                tables.append(text)
             for setting in [st for st in settings if st.key == "_compiled"]:
                 gpu_comparison(setting, args, device, results, tables)
     else:
@@ -528,6 +531,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                 max_box=0.1, warmup=1)
             print(text, flush=True)
     print("\n\n".join(tables), flush=True)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n\n".join(tables) + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")
