@@ -224,13 +224,6 @@ def load_extension(verbose: bool = False) -> ModuleType:
     return _default
 
 
-def built_path(archs: str | None = None) -> Path:
-    """Where the build for `archs` lives (whether or not it exists yet)."""
-    archs = archs or arch_list()
-    files = _sources(CSRC)
-    return cache_root() / _build_name(files, archs, _CXX_FLAGS, _CUDA_FLAGS)
-
-
 def main() -> int:
     archs = arch_list()
     start = time.time()

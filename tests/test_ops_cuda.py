@@ -26,15 +26,6 @@ pytestmark = [pytest.mark.cuda,
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 2e-2}
 
 
-@pytest.fixture(params=["v1", "v2"])
-def bwd_variant(request, monkeypatch):
-    """Every backward check runs with both backward kernels: the default (v1) and the opt-in
-    shared-memory slab reduction (MSDA_CUDA_BWD=v2, ops/csrc/msda_backward_v2.cuh). The extension
-    reads the variable at each backward call."""
-    monkeypatch.setenv("MSDA_CUDA_BWD", request.param)
-    return request.param
-
-
 @pytest.fixture(scope="module")
 def ext():
     from ops.build import load_extension
@@ -120,7 +111,7 @@ SHAPES_MIXED = [(6, 5), (3, 7), (1, 1), (2, 9)]  # non-square maps and a 1x1 lev
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("d", [1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 40, 64, 65, 256])
-def test_channels_and_dtypes(ext, bwd_variant, dtype, d):
+def test_channels_and_dtypes(ext, dtype, d):
     """Every vector width (1/2/4/8 channels), odd D, idle lanes (D=40 float32: 5 vectors on 8 lanes)
     and several vectors per thread (D=65: 65 single channels on 32 lanes; D=256 float64: 64 on 32)."""
     check(ext, make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=d, p=3, dtype=dtype, seed=d))
@@ -129,45 +120,38 @@ def test_channels_and_dtypes(ext, bwd_variant, dtype, d):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("loc_dtype,attn_dtype", [(torch.float32, torch.float32),
                                                   (torch.float32, None), (None, torch.float32)])
-def test_half_value_with_float32_locations(ext, bwd_variant, dtype, loc_dtype, attn_dtype):
+def test_half_value_with_float32_locations(ext, dtype, loc_dtype, attn_dtype):
     """Mixed precision: locations and/or weights kept in float32 by autocast-aware callers."""
     c = make_case(SHAPES_MIXED, n=2, lq=9, m=2, d=16, p=4, dtype=dtype, loc_dtype=loc_dtype or dtype,
                   attn_dtype=attn_dtype or dtype, seed=7)
     check(ext, c)
 
 
-@pytest.mark.parametrize("switch,width", [("MSDA_CUDA_MAX_VECTOR", "1"), ("MSDA_CUDA_MAX_VECTOR", "2"),
-                                          ("MSDA_CUDA_MAX_VECTOR", "4"), ("MSDA_CUDA_FWD_VECTOR", "8"),
-                                          ("MSDA_CUDA_BWD_VECTOR", "8"), ("MSDA_CUDA_BWD_VECTOR", "2"),
-                                          ("MSDA_CUDA_FWD_ORDER", "head"), ("MSDA_CUDA_FWD_BATCH", "2"),
-                                          ("MSDA_CUDA_FWD_BATCH", "4")])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_vector_width_switches(ext, bwd_variant, monkeypatch, dtype, switch, width):
-    """Narrower per-thread vectors (more threads per pair), the wide non-default ones (8 float32
-    channels per thread in the forward or the backward), the head-major forward order and the
-    batched forward (P = 3 points: a partial last batch for K = 2 and 4): same results."""
-    monkeypatch.setenv(switch, width)
-    check(ext, make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=32, p=3, dtype=dtype, seed=21))
+def check_forward(ext, c, points, tol):
+    out = ext.forward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], points=points)
+    torch.cuda.synchronize()
+    ref = ms_deform_attn_reference(c["value"].double(), c["spatial"], c["starts"], c["loc"].double(),
+                                   c["attn"].double())
+    assert ref.abs().max() > 0.05
+    assert_close("output", out, ref, tol)
+    return out
 
 
-@pytest.mark.parametrize("batch", ["1", "2", "4"])
-@pytest.mark.parametrize("order", ["query", "head"])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16])
-def test_batched_forward_with_head_major_order(ext, monkeypatch, dtype, order, batch):
-    """Every combination of the two forward switches (each dtype's default is one of them), at 4 and
-    5 points (whole and partial batches), D = 32 and 12."""
-    monkeypatch.setenv("MSDA_CUDA_FWD_ORDER", order)
-    monkeypatch.setenv("MSDA_CUDA_FWD_BATCH", batch)
+@pytest.mark.parametrize("points", [1, 2])
+def test_both_forward_variants_in_float64(ext, points):
+    """The two forward variants (one point at a time in query order: float32 / float64; two points
+    at a time in head-major order: float16 / bfloat16) both compiled for float64, checked there at
+    float64 precision at 4 and 5 points (whole and partial pairs of points), D = 32 and 12."""
     for p, d in ((4, 32), (5, 12)):
-        check(ext, make_case(SHAPES_MIXED, n=2, lq=17, m=4, d=d, p=p, dtype=dtype, seed=30 + p))
+        c = make_case(SHAPES_MIXED, n=2, lq=17, m=4, d=d, p=p, dtype=torch.float64, seed=30 + p)
+        check_forward(ext, c, points, TOL[torch.float64])
 
 
-@pytest.mark.parametrize("batch", ["1", "2", "4"])
-def test_forward_ignores_non_finite_values_it_never_samples(ext, monkeypatch, batch):
-    """The batched forward loads a level's first element in place of off-map corners and must then
+@pytest.mark.parametrize("points", [1, 2])
+def test_forward_ignores_non_finite_values_it_never_samples(ext, points):
+    """The two-point forward loads a level's first element in place of off-map corners and must then
     select zero: NaN / Inf there may not reach the output unless a sampled corner is that pixel."""
-    monkeypatch.setenv("MSDA_CUDA_FWD_BATCH", batch)
-    c = make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=8, p=4, dtype=torch.float32, seed=5)
+    c = make_case(SHAPES_MIXED, n=2, lq=13, m=3, d=8, p=4, dtype=torch.float64, seed=5)
     hw = c["spatial"].double()
     # every level's pixel (0, 0) is poisoned; sample only where no corner is that pixel:
     # x * W - 0.5 >= 1 (columns >= 1) or entirely off the map
@@ -176,18 +160,13 @@ def test_forward_ignores_non_finite_values_it_never_samples(ext, monkeypatch, ba
     c["value"][:, c["starts"][1]] = float("-inf")
     c["value"][:, c["starts"][3]] = float("nan")
     w = hw[:, 1].view(1, 1, 1, -1, 1)
-    x = c["loc"][..., 0].double()
-    x = torch.where(x < 0.5, torch.full_like(x, -5.0), torch.maximum(x, (1.5 + 1e-3) / w))
-    c["loc"][..., 0] = x.float()
-    out = ext.forward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"])
-    ref = ms_deform_attn_reference(c["value"].double(), c["spatial"], c["starts"], c["loc"].double(),
-                                   c["attn"].double())
-    assert torch.isfinite(ref).all() and ref.abs().max() > 0.05
+    x = c["loc"][..., 0]
+    c["loc"][..., 0] = torch.where(x < 0.5, torch.full_like(x, -5.0), torch.maximum(x, (1.5 + 1e-3) / w))
+    out = check_forward(ext, c, points, TOL[torch.float64])
     assert torch.isfinite(out).all()
-    assert_close("output", out, ref, TOL[torch.float32])
 
 
-BAD_SWITCH_SCRIPT = """
+BAD_CALL_SCRIPT = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from ops.build import load_extension
@@ -203,41 +182,32 @@ sys.exit(0)
 """
 
 
-FWD = "forward(v, sp, st, loc, a)"
-BWD = "backward(v, sp, st, loc, a, g)"
-
-
-@pytest.mark.parametrize("env,call,expected", [
-    ({"MSDA_CUDA_MAX_VECTOR": "3"}, FWD, "MSDA_CUDA_MAX_VECTOR must be"),
-    ({"MSDA_CUDA_FWD_VECTOR": "16"}, FWD, "MSDA_CUDA_FWD_VECTOR must be an integer in [1, 8], got '16'"),
-    ({"MSDA_CUDA_BWD_VECTOR": "x"}, BWD, "MSDA_CUDA_BWD_VECTOR must be"),
-    ({"MSDA_CUDA_FWD_ORDER": "rows"}, FWD, "MSDA_CUDA_FWD_ORDER must be 'query' or 'head', got 'rows'"),
-    ({"MSDA_CUDA_FWD_BATCH": "3"}, FWD, "MSDA_CUDA_FWD_BATCH must be 1, 2 or 4, got 3"),
-    ({"MSDA_CUDA_FWD_BATCH": "8"}, FWD, "MSDA_CUDA_FWD_BATCH must be an integer in [1, 4], got '8'"),
-    ({"MSDA_CUDA_BWD": "v3"}, BWD, "MSDA_CUDA_BWD must be 'v1' (the default) or 'v2', got 'v3'"),
-    ({"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "lots"}, BWD, "MSDA_CUDA_BWD_SLAB_KB must be"),
-    ({"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_TILE": "-1"}, BWD, "MSDA_CUDA_BWD_TILE must be"),
-    ({}, "forward(v[0], sp, st, loc, a)", "value must be (N, S, M, D), got [6, 2, 8]"),
-    ({}, "forward(v, sp, st, loc.double(), a)", "sampling_locations must be Float or float32, got Double"),
+@pytest.mark.parametrize("call,expected", [
+    ("forward(v, sp, st, loc, a, points=2)",
+     "forward points per step must be 0 (the dtype's own, 1), or 1 or 2 for float64 values, got 2"),
+    ("forward(v.double(), sp, st, loc.double(), a.double(), points=3)", "or 1 or 2 for float64 values, got 3"),
+    ("forward(v[0], sp, st, loc, a)", "value must be (N, S, M, D), got [6, 2, 8]"),
+    ("forward(v, sp, st, loc.double(), a)", "sampling_locations must be Float or float32, got Double"),
+    ("backward(v, sp, st, loc, a, g[:, :2])", "grad_output must be (1, 3, 16), got [1, 2, 16]"),
 ])
-def test_bad_input_raises_with_message(ext, env, call, expected):
-    """Bad switches and bad direct calls raise a RuntimeError with the numbers in the message. Each
-    runs in its own process: on an H200 (2026-11-26) the extension crashed (SIGSEGV) instead of
-    raising whenever TORCH_CHECK had to format a number, which took the whole test session with it;
-    messages are now built without iostreams (ops/csrc/msda_error.h)."""
+def test_bad_input_raises_with_message(ext, call, expected):
+    """Bad direct calls raise a RuntimeError with the numbers in the message. Each runs in its own
+    process, so a crash instead of a raise fails one test, not the whole run (formatting numbers
+    through TORCH_CHECK's iostreams once crashed the extension on an H200; messages are now built
+    without them, ops/csrc/msda_error.h)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    script = BAD_SWITCH_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]), call=call)
-    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ, **env), capture_output=True,
+    script = BAD_CALL_SCRIPT.format(root=str(Path(__file__).resolve().parents[1]), call=call)
+    proc = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 3, f"exit {proc.returncode}: {proc.stdout[-500:]} {proc.stderr[-2000:]}"
     assert expected in proc.stdout, proc.stdout
 
 
-def test_float64_value_with_float32_locations(ext, bwd_variant):
+def test_float64_value_with_float32_locations(ext):
     """Policy allows float32 locations/weights with any value dtype; float64 values upcast them."""
     c = make_case(SHAPES_MIXED, n=2, lq=9, m=2, d=8, p=3, dtype=torch.float64, loc_dtype=torch.float32, seed=8)
     check(ext, c, tol=1e-6)  # the location/weight gradients come back rounded to float32
@@ -246,24 +216,24 @@ def test_float64_value_with_float32_locations(ext, bwd_variant):
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("p", [1, 2, 8])
 @pytest.mark.parametrize("m", [1, 8])
-def test_points_and_heads(ext, bwd_variant, dtype, p, m):
+def test_points_and_heads(ext, dtype, p, m):
     check(ext, make_case([(7, 9), (4, 5), (2, 3)], n=1, lq=20, m=m, d=8, p=p, dtype=dtype, seed=p * 10 + m))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_many_points_smaller_blocks(ext, bwd_variant, dtype):
+def test_many_points_smaller_blocks(ext, dtype):
     """L*P = 128: the per-block staging buffer no longer fits 256 threads; blocks shrink."""
     check(ext, make_case([(9, 7), (3, 4)], n=2, lq=6, m=2, d=32, p=64, dtype=dtype, seed=3))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_many_points_unstaged(ext, bwd_variant, dtype):
+def test_many_points_unstaged(ext, dtype):
     """L*P = 3*48: even one warp's staging exceeds shared memory; locations are read from global."""
     check(ext, make_case([(5, 6), (3, 3), (1, 2)], n=2, lq=5, m=2, d=2, p=48, dtype=dtype, seed=4))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_far_outside_and_grid_points(ext, bwd_variant, dtype):
+def test_far_outside_and_grid_points(ext, dtype):
     """Locations on exact pixel centres and edges (power-of-two maps: x * W - 0.5 is exact), at
     x * W - 0.5 == -1 and == W - 1, and far outside (1e6, -1e6); float64 and float32."""
     shapes = [(4, 8), (2, 4)]
@@ -279,13 +249,13 @@ def test_far_outside_and_grid_points(ext, bwd_variant, dtype):
     check(ext, c)
 
 
-def test_encoder_like_shape_float32(ext, bwd_variant):
+def test_encoder_like_shape_float32(ext):
     """A scaled-down DINO encoder call (many blocks, 4 levels, 8 heads, D=32, P=4)."""
     shapes = [(50, 84), (25, 42), (13, 21), (7, 11)]
     check(ext, make_case(shapes, n=2, lq=3000, m=8, d=32, p=4, dtype=torch.float32, seed=12))
 
 
-def test_misaligned_value_pointer(ext, bwd_variant):
+def test_misaligned_value_pointer(ext):
     """value starting 4 bytes past an allocation: the vector width must drop, results unchanged."""
     c = make_case(SHAPES_MIXED, n=2, lq=7, m=2, d=8, p=2, dtype=torch.float32, seed=13)
     flat = torch.empty(c["value"].numel() + 1, device="cuda", dtype=torch.float32)
@@ -296,7 +266,7 @@ def test_misaligned_value_pointer(ext, bwd_variant):
     check(ext, c)
 
 
-def test_empty_queries(ext, bwd_variant):
+def test_empty_queries(ext):
     c = make_case(SHAPES_MIXED, n=2, lq=0, m=2, d=8, p=2, dtype=torch.float32)
     out = ext.forward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"])
     gv, gl, ga = ext.backward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], c["grad"])
@@ -313,7 +283,7 @@ def test_forward_is_deterministic(ext):
 
 @pytest.mark.parametrize("dtype,loc_dtype", [(torch.float64, torch.float64), (torch.float32, torch.float32),
                                              (torch.bfloat16, torch.float32), (torch.float16, torch.float16)])
-def test_public_op_non_contiguous(bwd_variant, dtype, loc_dtype):
+def test_public_op_non_contiguous(dtype, loc_dtype):
     """ops.ms_deform_attn on CUDA: non-contiguous views, autograd through the registered op,
     backend() reports the CUDA kernels."""
     c = make_case(SHAPES_MIXED, n=2, lq=10, m=4, d=8, p=3, dtype=dtype, loc_dtype=loc_dtype, seed=15)
@@ -340,32 +310,3 @@ def test_public_op_non_contiguous(bwd_variant, dtype, loc_dtype):
     assert_close("grad_value", grads[0], ref_gv, tol)
     assert_close("grad_sampling_locations", grads[1], ref_gl, tol)
     assert_close("grad_attention_weights", grads[2], ref_ga, tol)
-
-
-@pytest.mark.parametrize("slab_kb,tile", [("0", None), ("16", "1"), ("200", None), ("48", "5")])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_backward_v2_slab_budget_and_tiles(ext, monkeypatch, dtype, slab_kb, tile):
-    """v2 with no slab (all global atomics), a slab holding only the coarse levels, a slab beyond the
-    48 KB default (opt-in shared memory; capped at the device's limit) and query tiles of one step
-    or not a multiple of the pairs per block (rounded up)."""
-    monkeypatch.setenv("MSDA_CUDA_BWD", "v2")
-    monkeypatch.setenv("MSDA_CUDA_BWD_SLAB_KB", slab_kb)
-    if tile is not None:
-        monkeypatch.setenv("MSDA_CUDA_BWD_TILE", tile)
-    shapes = [(50, 84), (25, 42), (13, 21), (7, 11)]
-    check(ext, make_case(shapes, n=2, lq=700, m=4, d=32, p=4, dtype=dtype, seed=31))
-
-
-def test_backward_v2_matches_v1_encoder_like(ext, monkeypatch):
-    """Both variants on a scaled-down encoder call in float32: the same gradients up to summation
-    order of the value-gradient atomics (location / weight gradients use the same arithmetic)."""
-    c = make_case([(50, 84), (25, 42), (13, 21), (7, 11)], n=2, lq=3000, m=8, d=32, p=4,
-                  dtype=torch.float32, seed=12)
-    grads = {}
-    for variant in ("v1", "v2"):
-        monkeypatch.setenv("MSDA_CUDA_BWD", variant)
-        grads[variant] = ext.backward(c["value"], c["spatial"], c["starts"], c["loc"], c["attn"], c["grad"])
-    torch.cuda.synchronize()
-    for i, name in enumerate(("grad_value", "grad_sampling_locations", "grad_attention_weights")):
-        a, b = grads["v1"][i].double(), grads["v2"][i].double()
-        assert (a - b).abs().max() <= 1e-5 * a.abs().max(), name

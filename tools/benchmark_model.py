@@ -3,7 +3,7 @@
 GPU (when one is present):
 - training step time and peak memory at batch 2 x 1333x800 for {fp32, bf16 autocast} x
   {activation checkpointing off, on}, and inference images/s (fp32, bf16);
-- DINO vs UGS-DINO training steps (the issue's target: at most +10% time and +8% peak memory with
+- DINO vs UGS-DINO training steps (the project's target: at most +10% time and +8% peak memory with
   UR on): DINO-5scale R50, fp32, 2 images of 800x1088 with 60 small boxes each; DINO
   (`ugs.ablation=l1`), UGS with UR off (`ce_in_um`) and UR on (`full`) built from the same seed;
   step times are the median of `--ugs-iters` steps run in alternating order (variant order rotates
@@ -418,7 +418,7 @@ def ugs_table(result: dict, title: str) -> str:
     return "\n".join(lines + ([f"\n{verdict}"] if verdict else []))
 
 
-# Issue 5's target for UGS with UR on against DINO, measured on the GPU.
+# The project's target for UGS with UR on against DINO (step time, peak memory), measured on the GPU.
 TARGET_TIME_RATIO, TARGET_MEMORY_RATIO = 1.10, 1.08
 
 
@@ -493,6 +493,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="also profile one step of each DINO/UGS variant (torch.profiler) and print the "
                              "top ops and, on a GPU, how busy the device is during the step")
     parser.add_argument("--out", type=Path, help="also write the results JSON here (atomically)")
+    parser.add_argument("--markdown", type=Path, help="also write the tables here (markdown)")
     add_debug_option(parser)
     args = parser.parse_args(argv)
     results: dict = {"torch": torch.__version__}
@@ -509,8 +510,10 @@ def main(argv: list[str] | None = None) -> int:
                 gpu_comparison(setting, args, device, results, tables)
             if args.profile:
                 results["ugs_cuda_profile"], text = profile_variants(
-                    "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60)
+                    "dino_5scale_r50_coco", ["model.backbone_weights=none"], device, 2, 800, 1088, 60,
+                    variants=UGS_VARIANTS[:3])
                 print(text, flush=True)
+                tables.append(text)
             for setting in [st for st in settings if st.key == "_compiled"]:
                 gpu_comparison(setting, args, device, results, tables)
     else:
@@ -530,6 +533,9 @@ def main(argv: list[str] | None = None) -> int:
                                                                 max_box=0.1, warmup=1)
             print(text, flush=True)
     print("\n\n".join(tables), flush=True)
+    if args.markdown:
+        args.markdown.parent.mkdir(parents=True, exist_ok=True)
+        args.markdown.write_text("\n\n".join(tables) + "\n")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(args.out.suffix + ".tmp")

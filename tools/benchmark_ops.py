@@ -2,28 +2,14 @@
 
     python tools/benchmark_ops.py                       # CUDA: encoder + decoder, float32 + bfloat16
     python tools/benchmark_ops.py --device cpu          # CPU decoder shape: ours (CPU path) vs plain PyTorch
-    python tools/benchmark_ops.py --msda-original DIR --deformops-wheel WHEEL --write-docs
+    python tools/benchmark_ops.py --msda-original DIR --deformops-wheel WHEEL --markdown OUT.md
+
+Every implementation is timed --repeats times (each a median over --iters calls), round-robin so
+that clock and thermal drift touch all alike; the table gives the median with the spread (min-max)
+and each time's ratio to ours from the same round (> 1: ours is faster).
 
 Implementations (absent ones are skipped with a note):
   ours               ops.ms_deform_attn (CUDA kernels of ops/csrc, or the CPU path with --device cpu)
-  ours-v4            ours with MSDA_CUDA_MAX_VECTOR=4 (at most 4 channels per thread; CUDA only)
-  ours-fwd8          ours with MSDA_CUDA_FWD_VECTOR=8 (8 channels per thread in the forward; the
-                     default is 16 bytes: 4 float32 / 8 bfloat16 channels; CUDA only)
-  ours-bwd8          ours with MSDA_CUDA_BWD_VECTOR=8 (8 channels per thread in the backward, the
-                     default before 2026-11-26; the default is 4; CUDA only)
-  ours-bwd2          ours with MSDA_CUDA_BWD_VECTOR=2 (CUDA only)
-  ours-fwd-head      ours with MSDA_CUDA_FWD_ORDER=head (forward blocks walk one head's queries;
-                     CUDA only)
-  ours-fwd-b2, -b4   ours with MSDA_CUDA_FWD_BATCH=2 / 4 (forward threads issue 2 / 4 points' corner
-                     loads together, ops/csrc/msda_forward_batched.cuh; CUDA only)
-  ours-fwd-head-b2, ours-fwd-head-b4   both forward switches together (CUDA only; head-b2 is the
-                     float16 / bfloat16 default since 2026-11-26)
-  ours-fwd-query-b1  query order, one point at a time (the float32 default; for the half types the
-                     default before 2026-11-26; CUDA only)
-  ours-bwd-v2        ours with MSDA_CUDA_BWD=v2: backward reducing coarse-level value gradients in shared
-                     memory (ops/csrc/msda_backward_v2.cuh; CUDA only)
-  ours-bwd-v2-big    ours-bwd-v2 with MSDA_CUDA_BWD_SLAB_KB=200 (opt-in shared memory: the 25x42 level in
-                     the slab too, capped at the device's limit; CUDA only)
   pytorch            ops.ms_deform_attn_reference (plain PyTorch, grid_sample per level)
   original           the Deformable-DETR CUDA op (--msda-original DIR or $MSDA_ORIGINAL_DIR; float32 only)
   deformops-triton   deformops (--deformops-wheel WHEEL or $DEFORMOPS_WHEEL, or already importable)
@@ -105,47 +91,14 @@ def make_inputs(kind: str, levels, batch: int, heads: int, channels: int, points
 
 
 # ---- implementations ------------------------------------------------------------------------------
-# The kernel switches of ops/csrc, read by the extension at every forward / backward call.
-KERNEL_ENV = ("MSDA_CUDA_MAX_VECTOR", "MSDA_CUDA_FWD_VECTOR", "MSDA_CUDA_BWD_VECTOR", "MSDA_CUDA_FWD_ORDER",
-              "MSDA_CUDA_FWD_BATCH",
-              "MSDA_CUDA_BWD", "MSDA_CUDA_BWD_SLAB_KB", "MSDA_CUDA_BWD_TILE")
-
-
-def ours(device: str, env: dict[str, str] | None = None) -> Impl:
-    """Our op with the kernel switches in `env` set and all others unset (the defaults).
-
-    The switches are set at every call and left set: the backward runs after the call returns
-    (`.backward()`), and it must see the same choice as the forward. Each implementation sets its
-    own before its calls, so the rows do not leak settings into each other."""
+def ours(device: str) -> Impl:
+    """Our op: the CUDA kernels of ops/csrc, or the fused CPU path with --device cpu."""
     backend = "cuda" if device == "cuda" else "cpu"
-    settings = {k: (env or {}).get(k) for k in KERNEL_ENV}
 
     def run(value, spatial, starts, loc, attn):
-        for key, val in settings.items():
-            if val is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = val
         ops.set_backend(backend)
         return ops.ms_deform_attn(value, spatial, starts, loc, attn)
     return run
-
-
-# CUDA-only variants of ours: name -> kernel switches
-OUR_VARIANTS = {
-    "ours-v4": {"MSDA_CUDA_MAX_VECTOR": "4"},
-    "ours-fwd8": {"MSDA_CUDA_FWD_VECTOR": "8"},
-    "ours-bwd8": {"MSDA_CUDA_BWD_VECTOR": "8"},
-    "ours-bwd2": {"MSDA_CUDA_BWD_VECTOR": "2"},
-    "ours-fwd-head": {"MSDA_CUDA_FWD_ORDER": "head"},
-    "ours-fwd-b2": {"MSDA_CUDA_FWD_BATCH": "2"},
-    "ours-fwd-b4": {"MSDA_CUDA_FWD_BATCH": "4"},
-    "ours-fwd-head-b2": {"MSDA_CUDA_FWD_ORDER": "head", "MSDA_CUDA_FWD_BATCH": "2"},
-    "ours-fwd-head-b4": {"MSDA_CUDA_FWD_ORDER": "head", "MSDA_CUDA_FWD_BATCH": "4"},
-    "ours-fwd-query-b1": {"MSDA_CUDA_FWD_ORDER": "query", "MSDA_CUDA_FWD_BATCH": "1"},
-    "ours-bwd-v2": {"MSDA_CUDA_BWD": "v2"},
-    "ours-bwd-v2-big": {"MSDA_CUDA_BWD": "v2", "MSDA_CUDA_BWD_SLAB_KB": "200"},
-}
 
 
 def plain_pytorch(value, spatial, starts, loc, attn):
@@ -276,6 +229,35 @@ def bench_one(impl: Impl, inputs, timer: Timer, iters: int, warmup: int, device:
     return out.detach(), fwd, both, peak
 
 
+# ---- table ---------------------------------------------------------------------------------------
+HEADER = ("| shape | dtype | implementation | fwd ms (min-max) | fwd+bwd ms (min-max) | fwd / ours | "
+          "fwd+bwd / ours | fwd+bwd peak MiB | fwd GB/s | fwd / floor | max abs diff vs ours | note |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def spread(values: list[float], digits: int) -> str:
+    """median (min-max) of a non-empty list, "-" for an empty one."""
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def round_ratios(times: list[float], ours_times: list[float]) -> list[float]:
+    """Each round's time over ours from the same round (> 1: ours is faster)."""
+    return [t / o for t, o in zip(times, ours_times) if o > 0]
+
+
+def table_row(r: dict) -> str:
+    return (f"| {r['shape']} | {r['dtype']} | {r['impl']} | {spread(r['fwd'], 3)} | {spread(r['both'], 3)} | "
+            f"{spread(r['fwd_ratio'], 2)} | {spread(r['both_ratio'], 2)} | {fmt(r['peak_mib'], 0)} | "
+            f"{fmt(r['gbps'], 1)} | {fmt(r['floor_ratio'], 2)} | {fmt(r['diff'], 2, sci=True)} | {r['note']} |")
+
+
+def git_commit() -> str:
+    done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 # ---- main -----------------------------------------------------------------------------------------
 @entry_point
 def main(argv: list[str] | None = None) -> int:
@@ -286,11 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impls", default="ours,pytorch,original,deformops-triton,deformops-cuda")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="rounds over all implementations (spread of each ratio)")
     p.add_argument("--msda-original", default=os.environ.get("MSDA_ORIGINAL_DIR"))
     p.add_argument("--deformops-wheel", default=os.environ.get("DEFORMOPS_WHEEL"))
     p.add_argument("--write-docs", action="store_true", help="append the table to --docs-path")
     p.add_argument("--docs-path", default=str(ROOT / "docs" / "benchmarks.md"))
-    p.add_argument("--partial", default=None, help="rewrite this file with the table after every row")
+    p.add_argument("--markdown", default=None, help="rewrite this file with the table after every shape and dtype")
     p.add_argument("--json", default=None, help="also write the rows as JSON here")
     add_debug_option(p)
     args = p.parse_args(argv)
@@ -307,9 +290,6 @@ def main(argv: list[str] | None = None) -> int:
     impls: dict[str, Impl] = {}
     if "ours" in wanted:
         impls["ours"] = ours(device)
-    for name, env in OUR_VARIANTS.items():
-        if device == "cuda" and name in wanted:
-            impls[name] = ours(device, env)
     if "pytorch" in wanted:
         impls["pytorch"] = plain_pytorch
     if device == "cuda" and "original" in wanted:
@@ -334,23 +314,20 @@ def main(argv: list[str] | None = None) -> int:
         peak_bw = None
     timer = Timer(device)
     rows: list[dict] = []
-    header = ("| shape | dtype | implementation | fwd ms | fwd+bwd ms | fwd+bwd peak MiB | fwd GB/s | "
-              "fwd / floor | max abs diff vs ours | note |\n|---|---|---|---|---|---|---|---|---|---|")
+    commit = git_commit()
 
     def section() -> str:
         when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-        lines = [f"### {when}: {name}, torch {torch.__version__}", "", f"Command: `{command}`", ""]
+        lines = [f"### {when}: {name}, torch {torch.__version__}, commit {commit}", "",
+                 f"Command: `{command}`", "",
+                 f"Times: median over {args.iters} calls, {args.repeats} rounds; median (min-max) over the rounds; "
+                 "ratios per round against ours (> 1: ours is faster)."]
         if peak_bw:
             lines.append(f"Peak memory bandwidth assumed: {peak_bw / 1e12:.2f} TB/s.")
         if device == "cpu" and hasattr(os, "getloadavg"):
             lines.append(f"Load average while measuring (1 min): {os.getloadavg()[0]:.1f} on {os.cpu_count()} "
                          "cores; other processes' load makes CPU timings noisy.")
-        lines += ["", header]
-        for r in rows:
-            lines.append(
-                f"| {r['shape']} | {r['dtype']} | {r['impl']} | {fmt(r['fwd_ms'], 3)} | {fmt(r['both_ms'], 3)} | "
-                f"{fmt(r['peak_mib'], 0)} | {fmt(r['gbps'], 1)} | {fmt(r['floor_ratio'], 2)} | "
-                f"{fmt(r['diff'], 2, sci=True)} | {r['note']} |")
+        lines += ["", HEADER] + [table_row(r) for r in rows]
         floors = {(r["shape"], r["dtype"]): r for r in rows if r.get("floor_us")}
         if floors:
             lines += ["", "Forward memory floor (value read once + locations + weights + output written):"]
@@ -367,44 +344,59 @@ def main(argv: list[str] | None = None) -> int:
             inputs = make_inputs(s_name, levels, batch, 8, 32, 4, dtype, device, queries=queries)
             print(f"== {s_name}: value {tuple(inputs[0].shape)}, locations {tuple(inputs[3].shape)}, {dtype}",
                   flush=True)
-            reference_out = None
-            for impl_name, impl in impls.items():
-                row = dict(shape=s_name, dtype=str(dtype).replace("torch.", ""), impl=impl_name, fwd_ms=None,
-                           both_ms=None, peak_mib=None, gbps=None, floor_ratio=None, diff=None, note="",
-                           bytes=None, floor_us=None)
-                try:
-                    out, fwd, both, peak = bench_one(impl, inputs, timer, args.iters, args.warmup, device)
-                    row.update(fwd_ms=fwd, both_ms=both, peak_mib=peak)
+            found = {k: dict(shape=s_name, dtype=str(dtype).replace("torch.", ""), impl=k, fwd=[], both=[],
+                             fwd_ratio=[], both_ratio=[], peak_mib=None, gbps=None, floor_ratio=None, diff=None,
+                             note="", bytes=None, floor_us=None, out=None) for k in impls}
+            for round_index in range(args.repeats):
+                for impl_name, impl in impls.items():
+                    row = found[impl_name]
+                    if row["note"].startswith("failed"):
+                        continue
+                    try:
+                        out, fwd, both, peak = bench_one(impl, inputs, timer, args.iters, args.warmup, device)
+                        row["fwd"].append(fwd)
+                        row["both"].append(both)
+                        if row["out"] is None:
+                            row.update(out=out.float(), peak_mib=peak)
+                    except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the rest
+                        text = str(exc).splitlines()[0][:120] if str(exc) else ""
+                        row["note"] = f"failed: {type(exc).__name__}: {text}"
+                    finally:
+                        if device == "cuda":
+                            torch.cuda.empty_cache()
+                    print(f"   round {round_index + 1}/{args.repeats} {impl_name:17s} "
+                          f"fwd {fmt(row['fwd'][-1] if row['fwd'] else None, 3)} ms  "
+                          f"fwd+bwd {fmt(row['both'][-1] if row['both'] else None, 3)} ms  {row['note']}", flush=True)
+            reference = found.get("ours") or next(iter(found.values()), None)
+            ref_out = reference["out"] if reference is not None else None
+            for impl_name, row in found.items():
+                out = row.pop("out")
+                if out is not None and row["fwd"]:
                     nbytes = forward_bytes(inputs[0], inputs[3], inputs[4], out)
+                    fwd = statistics.median(row["fwd"])
                     if device == "cuda":
                         row["gbps"] = nbytes / (fwd * 1e-3) / 1e9
                     if peak_bw:
-                        row.update(bytes=nbytes, floor_us=nbytes / peak_bw * 1e6)
-                        row["floor_ratio"] = fwd * 1e-3 / (nbytes / peak_bw)
-                    if reference_out is None:
-                        reference_out = out.float()
-                        row["note"] = "(diff reference)"
-                    else:
-                        row["diff"] = float((out.float() - reference_out).abs().max())
-                    if impl_name == "ours":
-                        row["note"] = f"backend={ops.backend()}"
-                except Exception as exc:  # noqa: BLE001 - one failing implementation must not stop the rest
-                    row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-                finally:
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                rows.append(row)
-                print(f"   {impl_name:17s} fwd {fmt(row['fwd_ms'], 3)} ms  fwd+bwd {fmt(row['both_ms'], 3)} ms  "
-                      f"peak {fmt(row['peak_mib'], 0)} MiB  {fmt(row['gbps'], 0)} GB/s  {row['note']}", flush=True)
-                if args.partial:
-                    Path(args.partial).write_text(section())
+                        row.update(bytes=nbytes, floor_us=nbytes / peak_bw * 1e6,
+                                   floor_ratio=fwd * 1e-3 / (nbytes / peak_bw))
+                if row is reference:
+                    row["note"] = row["note"] or (f"backend={ops.backend()}" if impl_name == "ours"
+                                                  else "(diff reference)")
+                    continue
+                if out is not None and ref_out is not None:
+                    row["diff"] = float((out - ref_out).abs().max())
+                row["fwd_ratio"] = round_ratios(row["fwd"], reference["fwd"])
+                row["both_ratio"] = round_ratios(row["both"], reference["both"])
+            rows.extend(found.values())
+            if args.markdown:
+                Path(args.markdown).write_text(section())
             del inputs
     text = section()
     print()
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(dict(device=name, torch=torch.__version__, command=command,
-                                                   rows=rows, notes=notes), indent=1))
+                                                   commit=commit, rows=rows, notes=notes), indent=1))
     if args.write_docs:
         path = Path(args.docs_path)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,7 @@
 namespace msda {
 at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                        const at::Tensor& attention_weights);
+                        const at::Tensor& attention_weights, int64_t points);
 std::vector<at::Tensor> backward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
@@ -82,11 +82,13 @@ Prepared prepare(const at::Tensor& value, const at::Tensor& spatial_shapes,
   return p;
 }
 
+// points: 0 (every caller but the tests) runs the forward variant compiled for value's dtype
+// (msda_launch.h, Tuning); float64 also takes 1 or 2, so tests can check both variants in float64.
 at::Tensor forward(const at::Tensor& value, const at::Tensor& spatial_shapes,
                    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                   const at::Tensor& attention_weights) {
+                   const at::Tensor& attention_weights, int64_t points) {
   const Prepared p = prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights);
-  return msda::forward_cuda(p.value, p.shapes, p.starts, p.loc, p.attn);
+  return msda::forward_cuda(p.value, p.shapes, p.starts, p.loc, p.attn, points);
 }
 
 std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -112,8 +114,11 @@ std::vector<at::Tensor> backward(const at::Tensor& value, const at::Tensor& spat
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Multi-scale deformable attention CUDA kernels (see ops/csrc/msda_cuda.cu).";
   m.def("forward", &forward,
-        "forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights) -> "
-        "output (N, Lq, M*D)");
+        "forward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, points=0) -> "
+        "output (N, Lq, M*D); points (tests only): 0 the dtype's own forward, 1 or 2 points per step for "
+        "float64",
+        pybind11::arg("value"), pybind11::arg("spatial_shapes"), pybind11::arg("level_start_index"),
+        pybind11::arg("sampling_locations"), pybind11::arg("attention_weights"), pybind11::arg("points") = 0);
   m.def("backward", &backward,
         "backward(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, "
         "grad_output) -> [grad_value, grad_sampling_locations, grad_attention_weights]");

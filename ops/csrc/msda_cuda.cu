@@ -7,8 +7,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -18,84 +16,6 @@
 namespace msda {
 namespace detail {
 namespace {
-
-// Kernel switches, all read from the environment once at the entry of each call (before any
-// allocation or launch), so a bad value fails early with a message naming the variable.
-//   MSDA_CUDA_FWD_VECTOR / MSDA_CUDA_BWD_VECTOR (1, 2, 4 or 8): channels per thread in the forward /
-//     backward; MSDA_CUDA_MAX_VECTOR (same values) caps both, for tests and benchmarks.
-//   MSDA_CUDA_FWD_ORDER ("query", "head"): the forward's pair order; MSDA_CUDA_FWD_BATCH (1, 2, 4):
-//     points whose corner loads a forward thread issues together (msda_forward_batched.cuh). Defaults
-//     per dtype in read_options.
-//   MSDA_CUDA_BWD ("v1" default, "v2"), MSDA_CUDA_BWD_TILE, MSDA_CUDA_BWD_SLAB_KB: backward v2.
-int env_int(const char* name, int fallback, int lo, int hi) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || env[0] == '\0') return fallback;
-  char* end = nullptr;
-  const long v = std::strtol(env, &end, 10);
-  MSDA_CHECK(end != env && *end == '\0' && v >= lo && v <= hi, name, " must be an integer in [", lo, ", ", hi,
-              "], got '", env, "'");
-  return static_cast<int>(v);
-}
-
-int env_vector(const char* name, int fallback) {
-  const int v = env_int(name, fallback, 1, 8);
-  MSDA_CHECK(v == 1 || v == 2 || v == 4 || v == 8, name, " must be 1, 2, 4 or 8, got ", v);
-  return v;
-}
-
-// A two-valued switch: false when unset, empty or `fallback`, true when `alternative`, else an error.
-bool env_choice(const char* name, const char* fallback, const char* alternative) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, fallback) == 0) return false;
-  MSDA_CHECK(std::strcmp(env, alternative) == 0, name, " must be '", fallback, "' (the default) or '", alternative,
-             "', got '", env, "'");
-  return true;
-}
-
-// A switch between two named settings: `fallback_second` when unset or empty, else true for `second`
-// and false for `first`; anything else is an error.
-bool env_either(const char* name, const char* first, const char* second, bool fallback_second) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || env[0] == '\0') return fallback_second;
-  if (std::strcmp(env, first) == 0) return false;
-  MSDA_CHECK(std::strcmp(env, second) == 0, name, " must be '", first, "' or '", second, "', got '", env, "'");
-  return true;
-}
-
-struct Options {
-  bool forward_head_major = false;
-  int forward_batch = 1;
-  int forward_vector = 8;
-  int backward_vector = 4;
-  int backward_variant = 1;
-  int tile = 0;  // 0: automatic
-  int slab_kb = 48;
-};
-
-// Default widths, measured on an H200 at the DINO encoder shape (docs/benchmarks.md, 2026-11-26):
-// the forward is fastest with one 16-byte load per corner (float32 4 channels, half types 8; float64
-// 4, i.e. 32 bytes); the backward with at most 4 channels per thread for every dtype (one 16-byte
-// float32 vector atomic per corner; 8 float32 channels per thread made the encoder backward ~1.7x
-// slower: twice the registers per thread and half the threads in flight to hide atomic latency).
-// For float16 / bfloat16 the forward walks head-major with 2 points' loads in flight per thread
-// (encoder shape, H200, 2026-11-26 12:57 UTC: bfloat16 1.060 ms vs 1.424 ms in query order with
-// one point at a time); for float32 / float64 both switches measured slower (1.51 / 1.48 / 1.59 ms
-// vs 1.42 ms), so they keep query order and one point.
-Options read_options(int64_t elem) {
-  Options o;
-  const int fwd_default = elem == 8 ? 4 : static_cast<int>(std::min<int64_t>(8, 16 / elem));
-  const int cap = env_vector("MSDA_CUDA_MAX_VECTOR", 8);
-  o.forward_vector = std::min(cap, env_vector("MSDA_CUDA_FWD_VECTOR", fwd_default));
-  o.backward_vector = std::min(cap, env_vector("MSDA_CUDA_BWD_VECTOR", 4));
-  const bool half = elem == 2;
-  o.forward_head_major = env_either("MSDA_CUDA_FWD_ORDER", "query", "head", half);
-  o.forward_batch = env_int("MSDA_CUDA_FWD_BATCH", half ? 2 : 1, 1, 4);
-  MSDA_CHECK(o.forward_batch != 3, "MSDA_CUDA_FWD_BATCH must be 1, 2 or 4, got 3");
-  o.backward_variant = env_choice("MSDA_CUDA_BWD", "v1", "v2") ? 2 : 1;
-  o.tile = env_int("MSDA_CUDA_BWD_TILE", 0, 0, 1 << 30);
-  o.slab_kb = env_int("MSDA_CUDA_BWD_SLAB_KB", 48, 0, 1 << 20);
-  return o;
-}
 
 // Channels per thread: the largest power of two <= the cap that divides D and keeps the vectors
 // aligned. Fewer threads per (query, head) means fewer redundant bilinear-coordinate computations,
@@ -127,8 +47,6 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v, bool head_maj
   g.levels = static_cast<int>(levels);
   g.points = static_cast<int>(points);
   g.chunks = static_cast<int>(d / v);
-  g.tile = 0;  // backward v2 only
-  g.slab_capacity = 0;
   int group = 1;
   while (group < g.chunks && group < 32) group *= 2;
   g.group = group;
@@ -146,36 +64,6 @@ Launch plan(const at::Tensor& value, const at::Tensor& loc, int v, bool head_maj
   return lp;
 }
 
-// Backward v2 geometry: blocks of one (batch, head) and g.tile queries; the tile is sized for about
-// 4 blocks per SM (at most 16 passes of the block over its pairs), MSDA_CUDA_BWD_TILE overrides it.
-// Dynamic shared memory: MSDA_CUDA_BWD_SLAB_KB (default 48, no opt-in needed; capped by the device's
-// opt-in limit) for the level table plus the slab.
-void plan_backward_v2(Launch& lp, const at::Tensor& value, const Options& opt) {
-  Geometry& g = lp.g;
-  const cudaDeviceProp* prop = at::cuda::getCurrentDeviceProperties();
-  const int ppb = lp.threads / g.group;
-  const int64_t nh = g.pairs / g.lq;
-  const int64_t target_blocks = 4 * static_cast<int64_t>(prop->multiProcessorCount);
-  const int64_t tiles_wanted = std::max<int64_t>(1, (target_blocks + nh - 1) / nh);
-  int64_t tile = (g.lq + tiles_wanted - 1) / tiles_wanted;
-  tile = std::min<int64_t>(std::max<int64_t>(tile, ppb), 16 * static_cast<int64_t>(ppb));
-  if (opt.tile > 0) tile = opt.tile;
-  tile = std::min<int64_t>(tile, g.lq);  // keeps q_begin + tile in int range
-  g.tile = static_cast<int>((tile + ppb - 1) / ppb * ppb);
-  g.stage = 0;
-
-  const size_t acc_size = value.scalar_type() == at::kDouble ? 8 : 4;
-  const size_t table = v2_table_bytes(g.levels);
-  const size_t optin = prop->sharedMemPerBlockOptin;
-  const size_t slab_kb = static_cast<size_t>(opt.slab_kb);
-  const size_t budget = std::min<size_t>(optin, slab_kb * 1024);
-  MSDA_CHECK(table <= optin, "ms_deform_attn CUDA: too many levels (", g.levels, ")");
-  const size_t slab_bytes = budget > table ? (budget - table) / acc_size * acc_size : 0;
-  g.slab_capacity = static_cast<int64_t>(slab_bytes / acc_size);
-  lp.smem = table + slab_bytes;
-  lp.variant = 2;
-}
-
 template <typename T>
 using AccOf = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
@@ -183,10 +71,19 @@ struct ForwardLaunch {
   const Launch& lp;
   const at::Tensor &value, &shapes, &starts, &loc, &attn;
   at::Tensor& out;
+  int points;  // K: Tuning<T>::forward_points, or the other variant for float64 (tests)
 
   template <typename T, typename TL, int V>
   void operator()() const {
-    const cudaError_t status = launch_forward<T, TL, V>(
+    if constexpr (std::is_same<T, double>::value) {
+      if (points == 2) return launch<T, TL, V, 2>();
+    }
+    launch<T, TL, V, Tuning<T>::forward_points>();
+  }
+
+  template <typename T, typename TL, int V, int K>
+  void launch() const {
+    const cudaError_t status = launch_forward<T, TL, V, K>(
         lp, value.data_ptr<T>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(), loc.data_ptr<TL>(),
         attn.data_ptr<TL>(), out.data_ptr<T>(), at::cuda::getCurrentCUDAStream());
     C10_CUDA_CHECK(status);
@@ -208,12 +105,14 @@ struct BackwardLaunch {
   }
 };
 
-// Calls f.template operator()<T, TL, V>() for the runtime vector width v and locations dtype.
-// Only meaningful combinations are instantiated: 8 channels and 32 bytes at most, and float32 locations
-// besides value's own dtype for the half types only.
-template <typename T, typename TL, typename F>
+// Calls f.template operator()<T, TL, V>() for the runtime vector width v (v <= the direction's
+// Tuning width, which pick_vector guarantees) and locations dtype. Only these combinations are
+// instantiated (msda_inst_*.cu): V up to the Tuning width, and float32 locations besides value's own
+// dtype for the half types only.
+template <bool Forward, typename T, typename TL, typename F>
 void with_vector(int v, F&& f) {
-  if constexpr (sizeof(T) <= 4) {
+  constexpr int widest = Forward ? Tuning<T>::forward_vector : Tuning<T>::backward_vector;
+  if constexpr (widest >= 8) {
     if (v == 8) return f.template operator()<T, TL, 8>();
   }
   if (v == 4) return f.template operator()<T, TL, 4>();
@@ -221,28 +120,51 @@ void with_vector(int v, F&& f) {
   return f.template operator()<T, TL, 1>();
 }
 
-template <typename T, typename F>
+template <bool Forward, typename T, typename F>
 void with_types(at::ScalarType loc_dtype, int v, F&& f) {
   if constexpr (sizeof(T) <= 2) {
-    if (loc_dtype == at::kFloat) return with_vector<T, float>(v, f);
+    if (loc_dtype == at::kFloat) return with_vector<Forward, T, float>(v, f);
   }
-  with_vector<T, T>(v, f);
+  with_vector<Forward, T, T>(v, f);
 }
 
-template <typename F>
+template <bool Forward, typename F>
 void dispatch(at::ScalarType value_dtype, at::ScalarType loc_dtype, int v, F&& f) {
   switch (value_dtype) {
     case at::kDouble:
-      return with_types<double>(loc_dtype, v, f);
+      return with_types<Forward, double>(loc_dtype, v, f);
     case at::kFloat:
-      return with_types<float>(loc_dtype, v, f);
+      return with_types<Forward, float>(loc_dtype, v, f);
     case at::kHalf:
-      return with_types<at::Half>(loc_dtype, v, f);
+      return with_types<Forward, at::Half>(loc_dtype, v, f);
     case at::kBFloat16:
-      return with_types<at::BFloat16>(loc_dtype, v, f);
+      return with_types<Forward, at::BFloat16>(loc_dtype, v, f);
     default:
       MSDA_CHECK(false, "ms_deform_attn CUDA: unsupported value dtype ", value_dtype);
   }
+}
+
+// The Tuning of value's dtype, read at run time.
+struct Widths {
+  int forward_vector, backward_vector, forward_points;
+};
+
+Widths widths_of(at::ScalarType dtype) {
+  switch (dtype) {
+    case at::kDouble:
+      return {Tuning<double>::forward_vector, Tuning<double>::backward_vector, Tuning<double>::forward_points};
+    case at::kFloat:
+      return {Tuning<float>::forward_vector, Tuning<float>::backward_vector, Tuning<float>::forward_points};
+    case at::kHalf:
+      return {Tuning<at::Half>::forward_vector, Tuning<at::Half>::backward_vector,
+              Tuning<at::Half>::forward_points};
+    case at::kBFloat16:
+      return {Tuning<at::BFloat16>::forward_vector, Tuning<at::BFloat16>::backward_vector,
+              Tuning<at::BFloat16>::forward_points};
+    default:
+      MSDA_CHECK(false, "ms_deform_attn CUDA: unsupported value dtype ", dtype);
+  }
+  return {1, 1, 1};
 }
 
 }  // namespace
@@ -257,19 +179,22 @@ using detail::plan;
 
 at::Tensor forward_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                         const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
-                        const at::Tensor& attention_weights) {
-  const detail::Options opt = detail::read_options(value.element_size());
+                        const at::Tensor& attention_weights, int64_t points) {
+  const detail::Widths widths = detail::widths_of(value.scalar_type());
+  if (points == 0) points = widths.forward_points;
+  MSDA_CHECK(points == widths.forward_points || (value.scalar_type() == at::kDouble && points == 2),
+             "ms_deform_attn CUDA: forward points per step must be 0 (the dtype's own, ", widths.forward_points,
+             "), or 1 or 2 for float64 values, got ", points);
   const c10::cuda::CUDAGuard guard(value.device());
   const int64_t n = value.size(0), m = value.size(2), d = value.size(3), lq = sampling_locations.size(1);
   auto out = at::empty({n, lq, m * d}, value.options());
   if (out.numel() == 0) return out;
   if (value.size(1) == 0) return out.zero_();
-  const int v = pick_vector(value, nullptr, opt.forward_vector);
-  Launch lp = plan(value, sampling_locations, v, opt.forward_head_major);
-  lp.g.forward_batch = opt.forward_batch;
-  dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
-           ForwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
-                         out});
+  const int v = pick_vector(value, nullptr, widths.forward_vector);
+  const Launch lp = plan(value, sampling_locations, v, /*head_major=*/points == 2);
+  dispatch</*Forward=*/true>(value.scalar_type(), sampling_locations.scalar_type(), v,
+                             ForwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations,
+                                           attention_weights, out, static_cast<int>(points)});
   return out;
 }
 
@@ -277,7 +202,7 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights, const at::Tensor& grad_output) {
-  const detail::Options opt = detail::read_options(value.element_size());
+  const detail::Widths widths = detail::widths_of(value.scalar_type());
   const c10::cuda::CUDAGuard guard(value.device());
   const bool wide = value.scalar_type() == at::kDouble || value.scalar_type() == at::kFloat;
   const auto acc_dtype = value.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -285,15 +210,11 @@ std::vector<at::Tensor> backward_cuda(const at::Tensor& value, const at::Tensor&
   auto grad_loc = at::empty_like(sampling_locations);
   auto grad_attn = at::empty_like(attention_weights);
   if (grad_output.numel() > 0 && value.numel() > 0) {
-    const int v = pick_vector(value, &grad_output, opt.backward_vector);
-    Launch lp = plan(value, sampling_locations, v);
-    if (opt.backward_variant == 2) {
-      lp.threads = detail::kBlockThreads;
-      detail::plan_backward_v2(lp, value, opt);
-    }
-    dispatch(value.scalar_type(), sampling_locations.scalar_type(), v,
-             BackwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations,
-                            attention_weights, grad_output, grad_value, grad_loc, grad_attn});
+    const int v = pick_vector(value, &grad_output, widths.backward_vector);
+    const Launch lp = plan(value, sampling_locations, v);
+    dispatch</*Forward=*/false>(value.scalar_type(), sampling_locations.scalar_type(), v,
+                                BackwardLaunch{lp, value, spatial_shapes, level_start_index, sampling_locations,
+                                               attention_weights, grad_output, grad_value, grad_loc, grad_attn});
   } else {
     grad_loc.zero_();
     grad_attn.zero_();

@@ -1,7 +1,7 @@
 // MSDA_CHECK: TORCH_CHECK whose message is assembled without iostreams.
 //
 // TORCH_CHECK formats non-string arguments through std::ostringstream. In the extension built by nvcc
-// on an H200 machine (2026-11-26, gcc 13 host compiler, torch 2.11), formatting an integer that way
+// with gcc 13 as host compiler against torch 2.11 (on an H200 machine), formatting an integer that way
 // crashed the interpreter (SIGSEGV) instead of raising, while string-only messages raised normally:
 // most likely the locale's number-formatting facet differs between the libstdc++ the extension was
 // compiled against and the one torch uses. Here numbers go through std::to_string (no locale) and

@@ -1,5 +1,5 @@
-// Batched forward body (MSDA_CUDA_FWD_BATCH=2 or 4; the float16 / bfloat16 default is 2): one level's
-// points, K at a time, for forward_kernel<T, TL, V, K> in msda_kernels.cuh (included from there).
+// Batched forward body (K = 2, the float16 / bfloat16 forward): one level's points, K at a time, for
+// forward_kernel<T, TL, V, K> in msda_kernels.cuh (included from there).
 //
 // The one-point body (accumulate_level) guards each corner load with its own branch and skips
 // off-map points with a `continue`, so a thread has at most one point's loads in flight: the next

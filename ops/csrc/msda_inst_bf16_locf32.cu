@@ -1,13 +1,17 @@
-// Explicit instantiations (one translation unit per group, compiled in parallel by ninja).
+// Explicit instantiations (one translation unit per group, compiled in parallel by ninja): the
+// combinations msda_cuda.cu dispatches to (msda_launch.h, Tuning).
 #include "msda_kernels.cuh"
 
 namespace msda {
 namespace detail {
 
-MSDA_INSTANTIATE(c10::BFloat16, float, 8)
-MSDA_INSTANTIATE(c10::BFloat16, float, 4)
-MSDA_INSTANTIATE(c10::BFloat16, float, 2)
-MSDA_INSTANTIATE(c10::BFloat16, float, 1)
+MSDA_INSTANTIATE_FORWARD(c10::BFloat16, float, 8, 2)
+MSDA_INSTANTIATE_FORWARD(c10::BFloat16, float, 4, 2)
+MSDA_INSTANTIATE_FORWARD(c10::BFloat16, float, 2, 2)
+MSDA_INSTANTIATE_FORWARD(c10::BFloat16, float, 1, 2)
+MSDA_INSTANTIATE_BACKWARD(c10::BFloat16, float, 4)
+MSDA_INSTANTIATE_BACKWARD(c10::BFloat16, float, 2)
+MSDA_INSTANTIATE_BACKWARD(c10::BFloat16, float, 1)
 
 }  // namespace detail
 }  // namespace msda

@@ -12,17 +12,20 @@
 // (32 bytes: two 16-byte loads per corner for float32, one for the half types). The group's threads
 // compute the same bilinear coordinates, so fewer, wider threads per pair waste fewer instructions:
 // for D = 32 a float32 or bfloat16 group is 4 threads reading one 128- or 64-byte line per corner.
-// (The host picks V per direction: by default 16 bytes per thread in the forward, at most 4 channels
-// in the backward; MSDA_CUDA_FWD_VECTOR / MSDA_CUDA_BWD_VECTOR / MSDA_CUDA_MAX_VECTOR override.)
+// (The host picks V per direction, at compile time per dtype (msda_launch.h, Tuning): 16 bytes per
+// thread in the forward (32 for float64), at most 4 channels in the backward; narrower only when D or
+// the pointers' alignment require it.)
 //
 // Staging. Before the loop over levels and points, a block copies the locations and weights of all
 // its pairs (a contiguous range of memory) into shared memory with coalesced loads, converted to
 // the accumulation type, so the per-sample chain is shared-memory read -> value gather rather than
 // global read -> global gather. The level table (H, W, start) is in shared memory too.
 //
-// Forward. forward_kernel<T, TL, V, K> walks each level's points one at a time (K = 1, branchy
-// corner loads) or K = 2 / 4 at a time with branch-free addressing (msda_forward_batched.cuh), in
-// query-major or head-major pair order (Geometry::head_major); defaults per dtype in msda_cuda.cu.
+// Forward. forward_kernel<T, TL, V, K> has two variants: K = 1 walks each level's points one at a
+// time (branchy corner loads) in query-major pair order (float32, float64); K = 2 takes two points at
+// a time with branch-free addressing (msda_forward_batched.cuh) in head-major pair order (float16,
+// bfloat16). Which dtype uses which is fixed in msda_launch.h (Tuning); float64 compiles both, so
+// tests can check each variant against the float64 reference.
 //
 // Backward. Each thread recomputes its corners, accumulates (a) the gradient of the attention
 // weight (grad_out . sampled) and (b) the gradients of the pixel coordinate over its channels, then
@@ -31,10 +34,6 @@
 // gradient is scattered with atomicAdd into a float32 (float64 for float64) buffer, one 16-byte
 // vector atomic per 4 channels and corner on sm_90 (float4 / float2 atomicAdd), scalar atomics elsewhere; for
 // half types that buffer is cast to the value dtype at the end.
-//
-// Backward v2 (opt-in, MSDA_CUDA_BWD=v2; H200 figures in docs/benchmarks.md): blocks of one
-// (batch, head) and a tile of queries reduce the coarse levels' value gradients in shared memory
-// first; see msda_backward_v2.cuh.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -95,7 +94,7 @@ __device__ inline void load_level_table_and_stage(const int64_t* __restrict__ sh
   __syncthreads();
 }
 
-// Head-major forward order (opt-in, MSDA_CUDA_FWD_ORDER=head): the s-th pair of the schedule is
+// Head-major forward order (the K = 2 forward): the s-th pair of the schedule is
 // (batch n, head m, query q) with q fastest, so the blocks resident at a time read one head's slice
 // of each value row; returns its index in the memory order (n, q, m) of locations and output.
 __device__ __forceinline__ int64_t memory_pair_of_head_major(int64_t s, const Geometry& g) {
@@ -161,13 +160,6 @@ __device__ inline void atomic_add_pack(acc_t* dst, acc_t weight, const acc_t (&g
   }
 }
 
-// Value-gradient contributions into a shared-memory slab (backward v2): scalar shared atomics.
-template <int V, typename acc_t>
-__device__ inline void shared_add_pack(acc_t* dst, acc_t weight, const acc_t (&go)[V]) {
-#pragma unroll
-  for (int j = 0; j < V; ++j) atomicAdd(dst + j, weight * go[j]);
-}
-
 template <typename acc_t>
 __device__ inline acc_t group_sum(acc_t v, int group) {
   for (int offset = group >> 1; offset > 0; offset >>= 1) {
@@ -177,12 +169,11 @@ __device__ inline acc_t group_sum(acc_t v, int group) {
 }
 
 // One sampling point's bilinear footprint inside a level: corner offsets into value (relative to the
-// head's base pointer), which corners lie on the map, the fractions and the corner weights. Shared
-// by both backward kernels; the caller has already rejected points entirely off the map.
+// head's base pointer), which corners lie on the map, the fractions and the corner weights; the
+// caller has already rejected points entirely off the map.
 template <typename acc_t>
 struct Corners {
   int64_t o00, o01, o10, o11;
-  int row;  // y0 * w + x0: the top-left corner's row within the level
   acc_t fx, fy, w00, w01, w10, w11;
   bool tl, tr, bl, br;
 };
@@ -200,8 +191,7 @@ __device__ __forceinline__ Corners<acc_t> bilinear_corners(acc_t px, acc_t py, i
   q.tr = yt && xr;
   q.bl = yb && xl;
   q.br = yb && xr;
-  q.row = y0 * w + x0;
-  q.o00 = level_off + static_cast<int64_t>(q.row) * md;
+  q.o00 = level_off + static_cast<int64_t>(y0 * w + x0) * md;
   q.o01 = q.o00 + md;
   q.o10 = q.o00 + static_cast<int64_t>(w) * md;
   q.o11 = q.o10 + md;
@@ -309,12 +299,12 @@ __device__ __forceinline__ void accumulate_level(const T* __restrict__ vl, int h
 }  // namespace detail
 }  // namespace msda
 
-#include "msda_forward_batched.cuh"  // accumulate_level_batched: K points at a time (MSDA_CUDA_FWD_BATCH)
+#include "msda_forward_batched.cuh"  // accumulate_level_batched: K points at a time
 
 namespace msda {
 namespace detail {
 
-// K = 1: accumulate_level; K = 2 or 4: accumulate_level_batched (msda_forward_batched.cuh).
+// K = 1: accumulate_level; K = 2: accumulate_level_batched (msda_forward_batched.cuh).
 template <typename T, typename TL, int V, int K>
 __global__ void __launch_bounds__(kBlockThreads)
     forward_kernel(const T* __restrict__ value, const int64_t* __restrict__ shapes,
@@ -434,23 +424,16 @@ __global__ void __launch_bounds__(kBlockThreads)
 }  // namespace detail
 }  // namespace msda
 
-#include "msda_backward_v2.cuh"  // the opt-in backward (MSDA_CUDA_BWD=v2); uses the helpers above
-
 namespace msda {
 namespace detail {
 
-template <typename T, typename TL, int V>
+template <typename T, typename TL, int V, int K>
 cudaError_t launch_forward(const Launch& lp, const T* value, const int64_t* shapes, const int64_t* starts,
                            const TL* loc, const TL* attn, T* out, cudaStream_t stream) {
+  static_assert(K == 1 || K == 2, "the forward takes one or two points at a time");
   const int pairs_per_block = lp.threads / lp.g.group;
   const int64_t blocks = (lp.g.pairs + pairs_per_block - 1) / pairs_per_block;
-  if (lp.g.forward_batch == 4) {
-    forward_kernel<T, TL, V, 4><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
-  } else if (lp.g.forward_batch == 2) {
-    forward_kernel<T, TL, V, 2><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
-  } else {
-    forward_kernel<T, TL, V, 1><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
-  }
+  forward_kernel<T, TL, V, K><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, out, lp.g);
   return cudaGetLastError();
 }
 
@@ -459,10 +442,6 @@ cudaError_t launch_backward(const Launch& lp, const T* value, const int64_t* sha
                             const TL* loc, const TL* attn, const T* grad_out, AccT* grad_value, TL* grad_loc,
                             TL* grad_attn, cudaStream_t stream) {
   static_assert(std::is_same<AccT, typename Acc<T>::type>::value, "grad_value must be the accumulation type");
-  if (lp.variant == 2) {
-    return launch_backward_v2<T, TL, V>(lp, value, shapes, starts, loc, attn, grad_out, grad_value, grad_loc,
-                                        grad_attn, stream);
-  }
   const int pairs_per_block = lp.threads / lp.g.group;
   const int64_t blocks = (lp.g.pairs + pairs_per_block - 1) / pairs_per_block;
   backward_kernel<T, TL, V><<<blocks, lp.threads, lp.smem, stream>>>(value, shapes, starts, loc, attn, grad_out,
@@ -470,10 +449,13 @@ cudaError_t launch_backward(const Launch& lp, const T* value, const int64_t* sha
   return cudaGetLastError();
 }
 
-// Explicit instantiation of both launchers for one (T, TL, V).
-#define MSDA_INSTANTIATE(T, TL, V)                                                                        \
-  template cudaError_t launch_forward<T, TL, V>(const Launch&, const T*, const int64_t*, const int64_t*,   \
-                                                const TL*, const TL*, T*, cudaStream_t);                   \
+// Explicit instantiations of the launchers: the forward for one (T, TL, V, K), the backward for one
+// (T, TL, V). The msda_inst_*.cu files list exactly the combinations msda_cuda.cu can dispatch to.
+#define MSDA_INSTANTIATE_FORWARD(T, TL, V, K)                                                             \
+  template cudaError_t launch_forward<T, TL, V, K>(const Launch&, const T*, const int64_t*, const int64_t*, \
+                                                   const TL*, const TL*, T*, cudaStream_t);
+
+#define MSDA_INSTANTIATE_BACKWARD(T, TL, V)                                                               \
   template cudaError_t launch_backward<T, TL, V, typename Acc<T>::type>(                                   \
       const Launch&, const T*, const int64_t*, const int64_t*, const TL*, const TL*, const T*,             \
       typename Acc<T>::type*, TL*, TL*, cudaStream_t);

@@ -1,0 +1,95 @@
+"""The parts of tools/benchmark_official.py and tools/benchmark_ops.py that need neither a GPU nor
+the official code: the batch, the same-weights agreement check, the ratios with their spread and
+the tables."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tools import benchmark_official as official
+from tools import benchmark_ops
+
+
+def test_batch_is_seeded_with_boxes_in_range():
+    a, b = official.make_batch(64, 96, 20, 100, seed=3), official.make_batch(64, 96, 20, 100, seed=3)
+    assert a["images"].shape == (2, 3, 64, 96) and torch.equal(a["images"], b["images"])
+    for t, u in zip(a["targets"], b["targets"]):
+        assert 20 <= len(t["labels"]) <= 100 and torch.equal(t["boxes"], u["boxes"])
+        assert t["labels"].min() >= 1 and t["labels"].max() <= 90
+        cx, cy, w, h = t["boxes"].unbind(-1)
+        assert (w >= 0.01).all() and (w <= 0.1).all() and (h <= 0.1).all()
+        assert (cx - w / 2 >= 0).all() and (cx + w / 2 <= 1).all() and (cy + h / 2 <= 1).all()
+
+
+def _outputs(seed: int, queries: int = 30, classes: int = 5) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {"pred_logits": torch.randn(2, queries, classes, generator=gen),
+            "pred_boxes": torch.rand(2, queries, 4, generator=gen)}
+
+
+def _eval(seed: int) -> dict:
+    out = _outputs(seed)
+    return {"float32": out, "float64": {k: v.double() for k, v in out.items()}, "float32_proposals": _outputs(seed + 1)}
+
+
+def test_agreement_ignores_the_order_of_proposals_but_not_their_values():
+    ref = _eval(0)
+    permuted = _eval(0)
+    order = torch.randperm(30)
+    permuted["float32_proposals"] = {k: v[:, order] for k, v in ref["float32_proposals"].items()}
+    result = official.agreement(permuted, ref)
+    assert result["agree"] and max(result["float32_proposals_as_set"].values()) == 0.0
+
+    changed = _eval(0)
+    changed["float32_proposals"]["pred_boxes"] = changed["float32_proposals"]["pred_boxes"] + 2e-3
+    assert not official.agreement(changed, ref)["agree"]
+    other = _eval(0)
+    other["float64"]["pred_logits"] = other["float64"]["pred_logits"] + 1e-4
+    result = official.agreement(other, ref)
+    assert not result["agree"] and result["float64_by_index"]["pred_logits"] == pytest.approx(1e-4, rel=1e-3)
+
+
+def test_lexsorted_breaks_ties_of_the_best_logit_by_the_boxes():
+    logits = torch.zeros(1, 3, 2)
+    boxes = torch.tensor([[[0.2, 0, 0, 0], [0.9, 0, 0, 0], [0.5, 0, 0, 0]]])
+    ordered = official.lexsorted({"pred_logits": logits, "pred_boxes": boxes})
+    assert ordered["pred_boxes"][0, :, 0].tolist() == pytest.approx([0.9, 0.5, 0.2])
+
+
+def test_ratios_per_round_verdict_and_table():
+    side = {"fp32": {"step_ms": [400.0, 410.0, 420.0], "peak_mib": 20000.0},
+            "best": {"step_ms": [300.0, 290.0, 310.0], "peak_mib": 15000.0}}
+    ours = {"fp32": {"step_ms": [300.0, 300.0, 350.0], "peak_mib": 18000.0},
+            "best": {"error": "RuntimeError: out of memory"}}
+    rows = official.compare(side, ours)
+    fp32, best = rows
+    assert fp32["speedup"] == pytest.approx([400 / 300, 410 / 300, 420 / 350])
+    assert fp32["ours_images_per_s"] == pytest.approx([2000 / 300, 2000 / 300, 2000 / 350])
+    assert fp32["memory_ratio"] == pytest.approx(0.9)
+    # median x1.333 but the slowest round x1.2: the target x1.3 is not met in every round
+    assert official.verdict(fp32) == "speed x1.33 misses >= x1.3; memory x0.900 meets <= x1"
+    assert "speedup" not in best and official.verdict(best) == "not measured"
+    meta = {"dry_run": False, "device": "GPU", "torch": "2.11", "commit": "abc", "date": "today",
+            "command": "python tools/benchmark_official.py", "size": [800, 1333], "boxes": "20+100",
+            "steps": 10, "warmup": 5, "repeats": 3}
+    agree = {"atol_float32": 1e-3, "atol_float64": 1e-8, "agree": True,
+             "float64_by_index": {"pred_logits": 1e-12, "pred_boxes": 1e-13}}
+    text = official.markdown(rows, agree, meta)
+    assert "DRY RUN" not in text and "same outputs" in text and ": yes (" in text
+    assert "| 410.0 (400.0-420.0) | 300.0 (300.0-350.0) |" in text
+    assert "| 1.333 (1.200-1.367) |" in text
+    assert "RuntimeError: out of memory" in text
+    assert official.markdown(rows, {}, dict(meta, dry_run=True)).startswith("**DRY RUN**")
+
+
+def test_benchmark_ops_spread_and_round_ratios():
+    assert benchmark_ops.spread([3.0, 1.0, 2.0], 2) == "2.00 (1.00-3.00)"
+    assert benchmark_ops.spread([], 2) == "-"
+    assert benchmark_ops.round_ratios([2.0, 3.0, 4.0], [1.0, 1.5, 0.0]) == [2.0, 2.0]
+    row = dict(shape="encoder", dtype="float32", impl="original", fwd=[2.0, 2.2, 2.1], both=[8.0, 8.0, 8.0],
+               fwd_ratio=[1.5, 1.6, 1.4], both_ratio=[2.0, 2.0, 2.0], peak_mib=600.0, gbps=300.0,
+               floor_ratio=9.5, diff=1e-6, note="")
+    line = benchmark_ops.table_row(row)
+    assert line.startswith("| encoder | float32 | original | 2.100 (2.000-2.200) | 8.000 (8.000-8.000) | "
+                           "1.50 (1.40-1.60) | 2.00 (2.00-2.00) | 600 |")
+    assert line.count("|") == benchmark_ops.HEADER.splitlines()[0].count("|")
