@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from configs import from_official_args, load_config
+from configs.ugs import apply_ablation_row
 from models import build_model
 from models.backbone import build_backbone
 from models.swin import SWIN_VARIANTS, SwinTransformer, SwinVariant, build_swin
@@ -138,7 +139,7 @@ def test_official_swin_dino_checkpoint_fine_tunes_to_another_class_count(tmp_pat
     # main.py --pretrained: load_weights_file + import_weights into a UGS model with 10 classes
     ugs_cfg = from_official_args(args)
     ugs_cfg.model.num_classes = ugs_cfg.model.dn_labelbook_size = 10
-    ugs_cfg.ugs.ablation = "full"
+    apply_ablation_row(ugs_cfg.ugs, "full")
     ugs_model, criterion, _ = build_model(ugs_cfg)
     report = import_weights(ugs_model, load_weights_file(ckpt_path))
     bin_heads = {k for k in state if "bbox_embed" in k and ".layers.2." in k}
