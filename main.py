@@ -37,6 +37,7 @@ from util.distributed import seed_everything
 from util.engine import NonFiniteLossError, TrainSettings, TrainState, evaluate, train_one_epoch
 from util.logging import RunLogger, setup_console_logging, write_json_atomic
 from util.precision import set_tf32
+from util.run_summary import run_summary
 
 log = logging.getLogger("main")
 
@@ -413,6 +414,8 @@ def run(args: argparse.Namespace, cfg: Config | None = None,
     elapsed = time.time() - t_start
     steps_per_s = (state.step - step_start) / max(elapsed, 1e-9)
     log.info("training done: %d steps in %.1f s (%.3f steps/s)", state.step - step_start, elapsed, steps_per_s)
+    if accelerator.is_main_process:
+        print(run_summary(metrics, out_dir, state.step - step_start, elapsed), flush=True)
     _finish(args, accelerator, model, out_dir, run_logger)
     return {"metrics": metrics, "state": state, "output_dir": out_dir, "steps_per_s": steps_per_s}
 
