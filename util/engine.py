@@ -127,7 +127,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     # the reduced ["loss"] + keys vector of each micro-batch of one step (read once per step)
     window: list[torch.Tensor] = []
     stop_after_step = False
-    total = planned_steps(settings, state, data_loader, getattr(accelerator, "gradient_accumulation_steps", 1))
+    total = planned_steps(settings, state, data_loader,
+                          getattr(accelerator, "gradient_accumulation_steps", 1))
     # counts optimizer steps of the whole run, so its rate and ETA are the run's (evaluations aside)
     bar = tqdm(total=total, initial=state.step, desc=f"train (epoch {epoch})", unit="step",
                disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False)
@@ -218,8 +219,9 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     if accelerator.is_main_process and state.step > epoch_start_step:
         # one line per epoch: the bar above is erased, and logs written to a file keep this
         rate = (state.step - epoch_start_step) / max(time.monotonic() - epoch_start, 1e-9)
+        left = format_duration(max(total - state.step, 0) / rate)
         log.info("epoch %d: step %d of %d, %.2f steps/s, training time left about %s (evaluations not "
-                 "counted)", epoch, state.step, total, rate, format_duration(max(total - state.step, 0) / rate))
+                 "counted)", epoch, state.step, total, rate, left)
     return {k: v / max(n_logged, 1) for k, v in sums.items()}
 
 

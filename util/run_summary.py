@@ -26,11 +26,12 @@ def run_summary(metrics: Mapping[str, Any] | None, out_dir: Path | str, steps: i
     evaluation (when there was one), and the plots and result files that exist in `out_dir`."""
     out_dir = Path(out_dir)
     rate = f", {steps / seconds:.2f} steps/s" if steps and seconds > 0 else ""
-    lines = [f"finished: {steps} training steps in {format_duration(seconds)}{rate} (evaluations included)"]
+    lines = [f"finished: {steps} training steps in {format_duration(seconds)}{rate} "
+             "(evaluations included)"]
     if metrics:
+        scores = ", ".join(f"{key} {_fmt(metrics.get(key))}" for key in ("AP50", "AP", "APs", "AR"))
         lines.append(f"final evaluation ({metrics.get('num_images', '?')} images, maxDets "
-                     f"{metrics.get('max_dets', '?')}): AP50 {_fmt(metrics.get('AP50'))}, AP "
-                     f"{_fmt(metrics.get('AP'))}, APs {_fmt(metrics.get('APs'))}, AR {_fmt(metrics.get('AR'))}")
+                     f"{metrics.get('max_dets', '?')}): {scores}")
     else:
         lines.append("no evaluation in this run")
     plots = [out_dir / "plots" / name for name in PLOT_FILES if (out_dir / "plots" / name).is_file()]
