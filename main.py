@@ -69,6 +69,7 @@ from util.run_start import (
     eval_weights,
     resolve_start,
 )
+from util.run_summary import run_summary
 from util.training_checkpoint import restore_training, save_training, training_checkpoint
 from util.weight_downloads import explain_download_failure
 
@@ -291,6 +292,14 @@ def resume(args: argparse.Namespace, start: Start, accelerator: Any, parts: Part
     return state
 
 
+def planned_total_steps(cfg: Config, accelerator: Any, parts: Parts) -> int:
+    """The run's optimizer steps (what the progress bar and its ETA count to): every epoch's, or
+    runtime.max_steps when that stops the run earlier."""
+    per_epoch = math.ceil(len(parts.train_loader) / max(accelerator.gradient_accumulation_steps, 1))
+    total = per_epoch * cfg.optim.epochs
+    return min(total, cfg.runtime.max_steps) if cfg.runtime.max_steps else total
+
+
 def evaluate_and_log(tag: str, cfg: Config, accelerator: Any, parts: Parts, state: TrainState,
                      run_logger: RunLogger, out_dir: Path) -> dict:
     """Evaluate (the EMA weights when kept), then log, write results and draw the plots."""
@@ -333,7 +342,7 @@ def train(cfg: Config, accelerator: Any, parts: Parts, state: TrainState, run_lo
                              max_nonfinite_steps=cfg.optim.max_nonfinite_steps,
                              max_steps=cfg.runtime.max_steps, log_interval=cfg.runtime.log_interval,
                              checkpoint_every_steps=cfg.runtime.checkpoint_every_steps,
-                             on_checkpoint=save)
+                             on_checkpoint=save, total_steps=planned_total_steps(cfg, accelerator, parts))
     metrics = None
     t_start, step_start = time.time(), state.step
     if cfg.runtime.max_train_minutes:
@@ -386,6 +395,8 @@ def train(cfg: Config, accelerator: Any, parts: Parts, state: TrainState, run_lo
     elapsed = time.time() - t_start
     steps_per_s = (state.step - step_start) / max(elapsed, 1e-9)
     log.info("training done: %d steps in %.1f s (%.3f steps/s)", state.step - step_start, elapsed, steps_per_s)
+    if accelerator.is_main_process:  # final metrics and where the plots are
+        print(run_summary(metrics, out_dir, state.step - step_start, elapsed), flush=True)
     return metrics, steps_per_s
 
 

@@ -3,6 +3,6 @@
 # (a small UGS-DINO trained and evaluated on the embedded synthetic dataset -> outputs/demo/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-python -m pip install -q -r requirements.txt
+# torch and torchvision at the versions pinned in constraints-torch.txt (the one place)
+python -m pip install -q -r requirements.txt -c constraints-torch.txt
 accelerate launch --config_file configs/accelerate/cpu.yaml main.py "$@"

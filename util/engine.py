@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from util.run_summary import format_duration
+
 log = logging.getLogger(__name__)
 
 
@@ -67,6 +69,9 @@ class TrainSettings:
     # every this many optimizer steps (0: never), `on_checkpoint()` saves a mid-epoch checkpoint
     checkpoint_every_steps: int = 0
     on_checkpoint: Callable[[], None] | None = None
+    # optimizer steps the whole run plans, for the progress bar's ETA (0: `max_steps` when set,
+    # else the end of the current epoch)
+    total_steps: int = 0
 
 
 def weighted_loss(loss_dict: dict[str, torch.Tensor],
@@ -122,9 +127,13 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
     # the reduced ["loss"] + keys vector of each micro-batch of one step (read once per step)
     window: list[torch.Tensor] = []
     stop_after_step = False
-    bar = tqdm(data_loader, desc=f"epoch {epoch}", disable=not accelerator.is_main_process,
-               dynamic_ncols=True, leave=False)
-    for images, masks, targets in bar:
+    total = planned_steps(settings, state, data_loader,
+                          getattr(accelerator, "gradient_accumulation_steps", 1))
+    # counts optimizer steps of the whole run, so its rate and ETA are the run's (evaluations aside)
+    bar = tqdm(total=total, initial=state.step, desc=f"train (epoch {epoch})", unit="step",
+               disable=not accelerator.is_main_process, dynamic_ncols=True, leave=False)
+    epoch_start, epoch_start_step = time.monotonic(), state.step
+    for images, masks, targets in data_loader:
         if settings.max_steps and state.step >= settings.max_steps:
             break
         state.batches_in_epoch += 1
@@ -158,6 +167,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             if not finite:
                 _skip_step(accelerator, optimizer, state, settings, epoch, targets,
                            local, keys, logger, reason="non-finite loss")
+                bar.update(1)
                 window.clear()
                 continue
             window.append(reduced[:len(keys) + 1])
@@ -172,6 +182,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     # Gradients are already all-reduced, so every process sees the same norm.
                     _skip_step(accelerator, optimizer, state, settings, epoch, targets, local,
                                keys, logger, reason="non-finite gradient norm")
+                    bar.update(1)
                     window.clear()
                     continue
             optimizer.step()
@@ -179,6 +190,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             if ema is not None:
                 ema.update(accelerator.unwrap_model(model))
             state.step += 1
+            bar.update(1)
             state.nonfinite_streak = 0
             record: dict[str, Any] = {"step": state.step, "epoch": epoch}
             for i, g in enumerate(optimizer.param_groups):
@@ -196,7 +208,7 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                     sums[k] = sums.get(k, 0.0) + v
             n_logged += 1
             if accelerator.is_main_process and state.step % settings.log_interval == 0:
-                bar.set_postfix(step=state.step, loss=f"{record['loss']:.3f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}")
             if (settings.checkpoint_every_steps and settings.on_checkpoint is not None
                     and state.step % settings.checkpoint_every_steps == 0):
                 settings.on_checkpoint()
@@ -204,7 +216,29 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 state.deadline_reached = True
                 break
     bar.close()
+    if accelerator.is_main_process and state.step > epoch_start_step:
+        # one line per epoch: the bar above is erased, and logs written to a file keep this
+        rate = (state.step - epoch_start_step) / max(time.monotonic() - epoch_start, 1e-9)
+        left = format_duration(max(total - state.step, 0) / rate)
+        log.info("epoch %d: step %d of %d, %.2f steps/s, training time left about %s (evaluations not "
+                 "counted)", epoch, state.step, total, rate, left)
     return {k: v / max(n_logged, 1) for k, v in sums.items()}
+
+
+def planned_steps(settings: TrainSettings, state: TrainState, data_loader: Iterable,
+                  accumulation_steps: int = 1) -> int:
+    """The step count the progress bar runs to: the run's plan when known (`total_steps`, else
+    `max_steps`), otherwise the end of this epoch."""
+    if settings.total_steps:
+        return settings.total_steps
+    if settings.max_steps:
+        return settings.max_steps
+    try:
+        batches = len(data_loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 0
+    # (a resumed epoch's loader already leaves out the batches consumed before the checkpoint)
+    return state.step + batches // max(accumulation_steps, 1)
 
 
 def _skip_step(accelerator: Any, optimizer: torch.optim.Optimizer, state: TrainState,
