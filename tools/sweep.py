@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tools import sweep_stats  # noqa: E402
+from util.logging import write_json_atomic  # noqa: E402
 
 DONE_FILE = "sweep_run.json"
 TOP_KEYS = {"name", "base", "overrides", "steps", "seeds", "baseline", "processes", "threads",
@@ -299,12 +300,6 @@ def last_step(out_dir: Path) -> int:
     return 0
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
-
-
 @dataclass
 class Active:
     run: Run
@@ -342,7 +337,7 @@ def _finish(active: Active) -> bool:
                             "step_after": step}) + "\n")
     if rc == 0 and (run.out_dir / "checkpoint_last.pth").is_file():
         attempts = [json.loads(x) for x in attempts_path.read_text().splitlines() if x.strip()]
-        _write_json(run.out_dir / DONE_FILE, {"run": run.name, "steps": step, "attempts": attempts,
+        write_json_atomic(run.out_dir / DONE_FILE, {"run": run.name, "steps": step, "attempts": attempts,
                                               "command": command_str(run)})
         return True
     return False
@@ -456,7 +451,7 @@ def aggregate(spec: Spec, argv_text: str) -> Path:
                 "variant_overrides": {k: v["overrides"] for k, v in spec.variants.items()},
                 "stages": spec.stages, "commit": _commit()})
     spec.out.mkdir(parents=True, exist_ok=True)
-    sweep_stats.write_json(doc, spec.out / "results.json")
+    write_json_atomic(spec.out / "results.json", doc)
     curves: dict[str, dict[int, list[dict]]] = {}
     for (variant, seed), r in runs.items():
         curves.setdefault(variant, {})[seed] = r["curve"]

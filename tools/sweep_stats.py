@@ -9,7 +9,6 @@ t_{0.975, n-1} * sd / sqrt(n). With one seed there is no interval (NaN).
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Sequence
@@ -198,21 +197,4 @@ def plot_deltas(doc: dict, path: Path, metrics: Sequence[str] = ("AP", "APs", "A
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return path
-
-
-def write_json(doc: dict, path: Path) -> Path:
-    """NaN written as null (strict JSON)."""
-    def clean(x: Any) -> Any:
-        if isinstance(x, float) and not math.isfinite(x):
-            return None
-        if isinstance(x, dict):
-            return {k: clean(v) for k, v in x.items()}
-        if isinstance(x, (list, tuple)):
-            return [clean(v) for v in x]
-        return x
-
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(clean(doc), indent=2) + "\n")
-    tmp.replace(path)
     return path
