@@ -23,6 +23,15 @@ MAX_OBJECTS = 3
 SIZE = 32
 
 
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; each run() in a test starts from scratch."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    GradientState._reset_state()
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
+
 class FakeDataset(torch.utils.data.Dataset):
     """Image i has 1-3 boxes; their cxcywh and labels are written into pixel row 0 (so the fake
     model can "see" them), plus noise from the global torch RNG (an augmentation whose stream

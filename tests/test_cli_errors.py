@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.engine_fakes import reset_accelerate
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["data.synthetic_train_images=2", "data.synthetic_val_images=1", "data.synthetic_image_size=[64,64]",
         "data.synthetic_min_objects=1", "data.synthetic_max_objects=4", "data.train_policy=none",
@@ -28,11 +30,7 @@ TINY = ["data.synthetic_train_images=2", "data.synthetic_val_images=1", "data.sy
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    GradientState._reset_state()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+    reset_accelerate()
     root = logging.getLogger()  # main.py's console handler writes to this test's captured stdout
     for handler in [h for h in root.handlers if getattr(h, "_detection_console", False)]:
         root.removeHandler(handler)

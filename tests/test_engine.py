@@ -18,25 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine_fakes import (FakeCriterion, FakeDINO, build_fake_data,
-                                build_fake_model, fake_config)
+from tests.engine_fakes import (FakeCriterion, FakeDINO, build_fake_data, build_fake_model, fake_config,
+                                reset_accelerate)
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _reset_accelerate() -> None:
-    """accelerate keeps process-wide singletons; each run() starts from scratch."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    GradientState._reset_state()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    _reset_accelerate()
+    reset_accelerate()
 
 
 def _run(out: Path, argv: list[str] | None = None, extra: list[str] | None = None,
@@ -259,7 +250,7 @@ def test_resume_inside_an_epoch_continues_exactly(tmp_path: Path) -> None:
         _run(crashed, extra=["runtime.checkpoint_every_steps=3"], criterion=_CrashingCriterion(crash_at=7))
     ckpt = load_checkpoint(crashed / "checkpoint_last.pth")
     assert (ckpt["step"], ckpt["epoch"], ckpt["train_state"]["batches_in_epoch"]) == (6, 1, 2)
-    _reset_accelerate()
+    reset_accelerate()
     _run(crashed, ["--resume", "auto"], extra=["runtime.checkpoint_every_steps=3"])
     assert _log(crashed) == _log(straight)  # steps 1-6, then 7-8 from the resumed run
     a = load_checkpoint(straight / "checkpoint_last.pth")
@@ -284,7 +275,7 @@ def test_train_time_limit_stops_mid_epoch_then_evaluates_and_resume_continues(tm
     assert (ckpt["step"], ckpt["epoch"], ckpt["train_state"]["batches_in_epoch"]) == (1, 0, 1)
     assert "deadline_reached" not in ckpt["train_state"]  # this invocation only
     assert (limited / "metrics.json").is_file() and [r["step"] for r in _log(limited)] == [1]
-    _reset_accelerate()
+    reset_accelerate()
     _run(limited, ["--resume", "auto"])
     assert _log(limited) == _log(straight)
     a = load_checkpoint(straight / "checkpoint_last.pth")
@@ -481,7 +472,7 @@ def test_real_demo_model_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records)
     assert {"loss_ce", "loss_bbox", "loss_giou", "loss_ce_interm"} <= set(records[0])
     assert first["metrics"]["num_images"] == 3 and first["metrics"]["max_dets"] == 100
-    _reset_accelerate()
+    reset_accelerate()
     second = run(parse_args(["--resume", "auto"]), cfg(4))
     assert second["state"].step == 4 and [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
     ckpt = load_checkpoint(tmp_path / "checkpoint_last.pth")

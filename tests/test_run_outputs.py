@@ -7,17 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.engine_fakes import build_fake_data, build_fake_model, fake_config
+from tests.engine_fakes import build_fake_data, build_fake_model, fake_config, reset_accelerate
 
 
 @pytest.fixture(autouse=True)
 def _fresh_accelerate_state():
     yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    GradientState._reset_state()
-    AcceleratorState._reset_state(reset_partial_state=True)
-    PartialState._reset_state()
+    reset_accelerate()
 
 
 def _run(out: Path, extra: list[str]) -> dict:
