@@ -11,7 +11,9 @@ Deterministic: image `i` of seed `s` depends only on (s, i), so a larger set ext
 """
 from __future__ import annotations
 
+import functools
 from collections import Counter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -32,7 +34,8 @@ MIN_VISIBILITY = 0.1                               # objects hidden more than th
 
 
 def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:
-    """Soft coverage (h, w) in [0, 1] of `shape` filling an h x w box (2x2 supersampled)."""
+    """Soft coverage (h, w) in [0, 1] of `shape` filling an h x w box (2x2 supersampled); the
+    renderer reads it through the cached `_stamp`."""
     ys = (np.arange(2 * h) + 0.5) / (2 * h) * 2 - 1
     xs = (np.arange(2 * w) + 0.5) / (2 * w) * 2 - 1
     yy, xx = np.meshgrid(ys, xs, indexing="ij")
@@ -52,11 +55,26 @@ def _shape_mask(shape: str, h: int, w: int) -> np.ndarray:
     return m.reshape(h, 2, w, 2).mean(axis=(1, 3)).astype(np.float32)
 
 
-def _pattern(pattern: str, h: int, w: int, c1: np.ndarray, c2: np.ndarray, rng: np.random.Generator
-             ) -> np.ndarray:
-    """Colour (h, w, 3) of the object's surface."""
-    if pattern == "solid":
-        return np.broadcast_to(c1, (h, w, 3))
+class _Stamp(NamedTuple):
+    """An object's shape at one size, precomputed once: scenes repeat the same few hundred sizes."""
+    alpha: np.ndarray      # (h, w, 1) float32 coverage
+    keep: np.ndarray       # (h, w, 1) float32 1 - coverage: what is left of the pixels below
+    covered: np.ndarray    # (h, w) bool, coverage > 0.5: the pixels the object owns
+    num_covered: int
+
+
+@functools.lru_cache(maxsize=4096)
+def _stamp(shape: str, h: int, w: int) -> _Stamp:
+    alpha = _shape_mask(shape, h, w)[..., None]
+    stamp = _Stamp(alpha, 1 - alpha, alpha[..., 0] > 0.5, int((alpha > 0.5).sum()))
+    for array in stamp[:3]:
+        array.flags.writeable = False                        # shared between calls
+    return stamp
+
+
+@functools.lru_cache(maxsize=4096)
+def _pattern_selector(pattern: str, h: int, w: int) -> np.ndarray:
+    """(h, w, 1) bool: where a two-colour pattern shows its first colour."""
     yy, xx = np.mgrid[0:h, 0:w]
     period = max(2, min(h, w) // 3)
     if pattern == "striped":
@@ -65,7 +83,16 @@ def _pattern(pattern: str, h: int, w: int, c1: np.ndarray, c2: np.ndarray, rng: 
         sel = ((xx // max(1, period // 2)) + (yy // max(1, period // 2))) % 2 == 0
     else:
         raise ValueError(f"unknown synthetic pattern {pattern!r}")
-    return np.where(sel[..., None], c1, c2)
+    sel = sel[..., None]
+    sel.flags.writeable = False
+    return sel
+
+
+def _pattern(pattern: str, h: int, w: int, c1: np.ndarray, c2: np.ndarray) -> np.ndarray:
+    """Colour of the object's surface: (h, w, 3), or (3,) for a solid colour (it broadcasts)."""
+    if pattern == "solid":
+        return c1
+    return np.where(_pattern_selector(pattern, h, w), c1, c2)
 
 
 def _interp_axis(n_out: int, n_in: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -86,7 +113,8 @@ def _upsample(grid: np.ndarray, h: int, w: int) -> np.ndarray:
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     """Textured ground (h, w, 3) float32 in [0, 1]: earth tones, noise, gradient, roads, fields."""
     base = rng.uniform(0.25, 0.55, size=3) * np.array([1.0, 0.95, 0.8])
-    img = np.broadcast_to(base, (h, w, 3)).astype(np.float32).copy()
+    img = np.empty((h, w, 3), dtype=np.float32)
+    img[...] = base.astype(np.float32)
     img += 0.12 * (_upsample(rng.random((h // 32 + 2, w // 32 + 2, 3)).astype(np.float32), h, w) - 0.5)
     img += 0.05 * (_upsample(rng.random((h // 8 + 2, w // 8 + 2, 1)).astype(np.float32), h, w) - 0.5)
     yy = np.arange(h, dtype=np.float32)[:, None]             # broadcast (h, 1) x (1, w)
@@ -106,10 +134,12 @@ def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         nx, ny = -np.sin(angle), np.cos(angle)
         d = np.abs(nx * (xx - rng.uniform(0, w)) + ny * (yy - rng.uniform(0, h)))
         img[d < rng.uniform(5, 18)] = rng.uniform(0.3, 0.45) + rng.normal(0, 0.02, size=3)
-        along = np.cos(angle) * xx + np.sin(angle) * yy
-        img[(d < 0.7) & ((along // 6) % 2 == 0)] = 0.85
+        rows, cols = np.nonzero(d < 0.7)                     # lane marks: every other 6 px
+        along = np.cos(angle) * xx[0, cols] + np.sin(angle) * yy[rows, 0]
+        dash = (along // 6) % 2 == 0
+        img[rows[dash], cols[dash]] = 0.85
     img += 0.025 * rng.standard_normal(size=img.shape, dtype=np.float32)
-    return np.clip(img, 0, 1)
+    return np.clip(img, 0, 1, out=img)
 
 
 def _colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -124,27 +154,29 @@ def _draw(img: np.ndarray, idmap: np.ndarray | None, obj_id: int, cls: int, y: i
           w: int, rng: np.random.Generator) -> int:
     """Paint class `cls` into box (x, y, w, h); returns the number of covered pixels."""
     _, _, shape, pattern = CLASSES[cls]
-    alpha = _shape_mask(shape, h, w)
+    stamp = _stamp(shape, h, w)
     c1, c2 = _colours(rng)
-    colour = _pattern(pattern, h, w, c1, c2, rng)
     region = img[y:y + h, x:x + w]
-    region *= 1 - alpha[..., None]
-    region += alpha[..., None] * colour
-    covered = alpha > 0.5
+    region *= stamp.keep
+    region += stamp.alpha * _pattern(pattern, h, w, c1, c2)
     if idmap is not None:
-        idmap[y:y + h, x:x + w][covered] = obj_id
-    return int(covered.sum())
+        idmap[y:y + h, x:x + w][stamp.covered] = obj_id
+    return stamp.num_covered
 
 
 SMALL_SIDE_PX = (4.0, 10.0, 31.0)                  # small objects' side: (min, median, max) pixels
+_log = functools.lru_cache(maxsize=64)(np.log)     # the per-object constants, computed once
+_LOG_32, _LOG_64, _LOG_0_6, _LOG_1_6 = np.log(32), np.log(64), np.log(0.6), np.log(1.6)
 
 
 def _clutter(img: np.ndarray, rng: np.random.Generator, count: int) -> None:
     """Unannotated distractors, like debris and markings in aerial images: thin strokes (1-2 px
     wide, 4-24 px long) and irregular specks (clusters of 2-5 single-pixel-to-3-px dots), in object-like
-    colours. None has the shape of a class, so a detector must tell them from small objects."""
+    colours. None has the shape of a class, so a detector must tell them from small objects.
+
+    Each mark is evaluated only in a window that holds all of its pixels (the per-pixel arithmetic
+    is the same as over the whole image, so the pixels are too)."""
     H, W = img.shape[:2]
-    yy, xx = np.mgrid[0:H, 0:W]
     for _ in range(count):
         colour = _colours(rng)[0]
         cy, cx = rng.uniform(0, H), rng.uniform(0, W)
@@ -152,15 +184,32 @@ def _clutter(img: np.ndarray, rng: np.random.Generator, count: int) -> None:
             angle, length = rng.uniform(0, np.pi), rng.uniform(4, 24)
             width = rng.uniform(0.5, 1.0)
             dx, dy = np.cos(angle), np.sin(angle)
+            reach = length / 2 + width + 1                   # > the farthest pixel's distance
+            yy, xx = _window(H, W, cy - reach, cy + reach, cx - reach, cx + reach)
             along = (xx - cx) * dx + (yy - cy) * dy
             across = np.abs(-(xx - cx) * dy + (yy - cy) * dx)
             mask = (np.abs(along) <= length / 2) & (across <= width)
-        else:  # speck cluster
-            mask = np.zeros((H, W), dtype=bool)
+        else:  # speck cluster: dots of squared radius <= 2.3 (radius < 1.6)
+            dots = []
             for _ in range(int(rng.integers(2, 6))):
                 py, px = cy + rng.normal(0, 3), cx + rng.normal(0, 3)
-                mask |= (yy - py) ** 2 + (xx - px) ** 2 <= rng.uniform(0.3, 2.3)
-        img[mask] = 0.3 * img[mask] + 0.7 * colour
+                dots.append((py, px, rng.uniform(0.3, 2.3)))
+            ys, xs = [d[0] for d in dots], [d[1] for d in dots]
+            yy, xx = _window(H, W, min(ys) - 2, max(ys) + 2, min(xs) - 2, max(xs) + 2)
+            mask = np.zeros((len(yy), xx.shape[1]), dtype=bool)
+            for py, px, r2 in dots:
+                mask |= (yy - py) ** 2 + (xx - px) ** 2 <= r2
+        if mask.size:
+            patch = img[yy[0, 0]:yy[-1, 0] + 1, xx[0, 0]:xx[0, -1] + 1]
+            patch[mask] = 0.3 * patch[mask] + 0.7 * colour
+
+
+def _window(H: int, W: int, y0: float, y1: float, x0: float, x1: float) -> tuple[np.ndarray, np.ndarray]:
+    """Integer pixel coordinates `(rows (n, 1), columns (1, m))` of the image pixels in
+    [y0, y1] x [x0, x1] (either may be empty)."""
+    ys = np.arange(max(int(np.floor(y0)), 0), min(int(np.ceil(y1)) + 1, H))
+    xs = np.arange(max(int(np.floor(x0)), 0), min(int(np.ceil(x1)) + 1, W))
+    return ys[:, None], xs[None, :]
 
 
 def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool,
@@ -170,12 +219,12 @@ def _object_size(rng: np.random.Generator, H: int, W: int, allow_large: bool,
     lo, median, hi = small_side
     u = rng.random()
     if u < 0.95 or (u >= 0.993 and not allow_large):
-        side = float(np.clip(np.exp(rng.normal(np.log(median), 0.45)), lo, hi))
+        side = min(max(float(np.exp(rng.normal(_log(median), 0.45))), lo), hi)
     elif u < 0.993:
-        side = np.exp(rng.uniform(np.log(32), np.log(64)))
+        side = np.exp(rng.uniform(_LOG_32, _LOG_64))
     else:
         side = rng.uniform(97, max(98, 0.5 * min(H, W)))
-    aspect = np.exp(rng.uniform(np.log(0.6), np.log(1.6)))
+    aspect = np.exp(rng.uniform(_LOG_0_6, _LOG_1_6))
     h = int(round(side / np.sqrt(aspect)))
     w = int(round(side * np.sqrt(aspect)))
     return min(max(h, 3), H), min(max(w, 3), W)
@@ -223,11 +272,11 @@ def render_image(seed: int, index: int, image_size: tuple[int, int] = (256, 256)
             cy, cx = rng.normal(centres[k], spreads[k])
         else:
             cy, cx = rng.uniform(0, H), rng.uniform(0, W)
-        y, x = int(np.clip(cy - h / 2, 0, H - h)), int(np.clip(cx - w / 2, 0, W - w))
+        y, x = int(min(max(cy - h / 2, 0), H - h)), int(min(max(cx - w / 2, 0), W - w))
         if any(rx <= x + w / 2 < rx + rw and ry <= y + h / 2 < ry + rh for rx, ry, rw, rh in regions):
             stats["placements_rejected_in_ignored_region"] += 1
             continue
-        if occupied[y:y + h, x:x + w].mean() > 0.35:         # partial occlusion only
+        if np.count_nonzero(occupied[y:y + h, x:x + w]) / (h * w) > 0.35:  # partial occlusion only
             stats["placements_rejected_overlap"] += 1
             continue
         occupied[y:y + h, x:x + w] = True
