@@ -57,7 +57,6 @@ from util.cli import add_debug_option, entry_point
 from util.ema import ModelEMA
 from util.engine import NonFiniteLossError, TrainSettings, TrainState, evaluate, train_one_epoch
 from util.logging import RunLogger, setup_console_logging, write_json_atomic
-from util.plots import plot_ap_history, plot_detections, plot_loss_curves
 from util.precision import set_tf32
 from util.preflight import check_data_paths, finished_run_message, launcher_process_warning
 from util.run_start import (
@@ -310,6 +309,8 @@ def evaluate_and_log(tag: str, cfg: Config, accelerator: Any, parts: Parts, stat
         parts.data.label_to_category_id, cfg.eval.max_dets, backend=cfg.eval.backend,
         num_samples=cfg.eval.num_draw_images if accelerator.is_main_process else 0)
     if accelerator.is_main_process:
+        from util.plots import plot_ap_history, plot_detections  # matplotlib: ~1 s, only here
+
         metrics["eval_seconds"] = round(time.time() - t0, 2)
         write_data_report(out_dir, {"train": parts.data.train, "val": parts.data.val}, only_changes=True)
         log.info("evaluation (%s, maxDets=%d):\n%s", tag, cfg.eval.max_dets, format_summary(metrics))
@@ -387,6 +388,8 @@ def train(cfg: Config, accelerator: Any, parts: Parts, state: TrainState, run_lo
             state.best_metric, is_best = float(metrics["AP"]), True
         save(is_best, extra)
         if accelerator.is_main_process:
+            from util.plots import plot_loss_curves  # matplotlib: ~1 s, not needed before the first plot
+
             plot_loss_curves(out_dir / "log.jsonl", out_dir / "plots" / "loss_curves.png")
             prune_epoch_checkpoints(out_dir, cfg.runtime.keep_checkpoints)
         metrics = metrics if last else None
