@@ -41,6 +41,7 @@ def test_gpu_specs_scale_the_cpu_specs_and_every_run_loads(gpu_name, cpu_name):
         assert cfg.model.num_queries >= cfg.data.synthetic_max_objects  # every object can be matched
         assert cfg.eval.max_dets > cfg.data.synthetic_max_objects
         assert cfg.eval.interval == 1  # AP after every epoch: the AP-vs-step curves
+        assert cfg.model.matcher_threads == 1 and cfg.runtime.num_threads == 1  # one host core per run
         steps_per_epoch = cfg.data.synthetic_train_images // cfg.optim.batch_size
         assert cfg.optim.epochs * steps_per_epoch == run.steps and cfg.optim.lr_drop == cfg.optim.epochs - 1
     if gpu.stages:
