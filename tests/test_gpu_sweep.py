@@ -90,6 +90,8 @@ def test_dry_run_of_the_script_lists_every_run(tmp_path):
         assert sum(f"runtime.output_dir={out / name / 'stages'}" in x for x in text.splitlines()) == len(spec.stages)
     for seed in range(5):
         assert re.search(rf"tools/gradvar.py .*--device cuda --seeds {seed} --windows 50,300,600 .*--noise-batches 100", text)
+    merge = [x for x in text.splitlines() if "tools/gradvar_merge.py" in x]
+    assert len(merge) == 1 and all(f"{out / 'gradvar' / f'seed{s}'}" in merge[0] for s in range(5))
     assert "tools/make_synthetic.py" in text and "--clutter 96" in text
     steps = (out / "steps.md").read_text()
     assert "| scratch | dry run: ok |" in steps and "| finetune | dry run: ok |" in steps
@@ -126,3 +128,72 @@ def test_scenes_written_to_disk_are_the_scenes_generated_in_memory(tmp_path):
                 assert t_a[key] == t_b[key], key
         crowd += len(t_a["ignore_boxes"])
     assert crowd > 0  # the ignored regions are part of what is compared
+
+
+def _fake_gradvar_result(seed: int, windows: list[int], iters: int = 30) -> dict:
+    """A per-seed result shaped like tools/gradvar.run's, from random series (NaN where a batch
+    had no object of the size, as in the real runs)."""
+    import numpy as np
+
+    from tools.gradvar_stats import safe_ratio, series_stats, window_ratios
+    from tools.target_stats import BUCKETS
+
+    rng = np.random.default_rng(seed)
+    per_window = {}
+    for w in windows:
+        series = {run: {b: [float(x) if rng.random() > 0.2 * k else float("nan")
+                            for x in rng.lognormal(0.0, 0.3 + 0.2 * (run == "baseline"), iters)]
+                        for k, b in enumerate(BUCKETS)} for run in ("baseline", "ugs")}
+        stats = {run: {b: series_stats(series[run][b]) for b in BUCKETS} for run in series}
+        noise = {run: {b: float(rng.uniform(0.5, 3.0)) for b in BUCKETS} for run in series}
+        per_window[w] = {"stats": stats, "series": series, **window_ratios(stats), "noise": noise,
+                         **{f"{b}_noise_ratio": safe_ratio(noise["baseline"][b], noise["ugs"][b]) for b in BUCKETS}}
+    return {"config": "dense_small_synthetic", "overrides": ["model.num_queries=300"], "variant": "full",
+            "comparator": "smooth_l1", "head_mult": 1.0, "iters": iters, "warmup": windows[-1], "windows": windows,
+            "seed": seed, "noise_batches": 100, "include_giou": False, "include_um": False,
+            "differing_init_tensors": ["bbox_embed.0.layers.2.weight"], "seconds": {"total": 1.0},
+            "per_window": per_window}
+
+
+def test_gradvar_runs_of_one_seed_each_pool_into_the_one_call_result(tmp_path):
+    import json
+    import math
+
+    from tools import gradvar, gradvar_merge
+
+    windows = [50, 300]
+    results = [_fake_gradvar_result(seed, windows) for seed in (0, 1, 2)]
+    for r in results:  # what tools/gradvar.py writes for a one-seed call
+        (tmp_path / f"seed{r['seed']}").mkdir()
+        (tmp_path / f"seed{r['seed']}" / "gradvar.json").write_text(
+            json.dumps(gradvar._json_safe({"per_seed": [r]}), indent=1))
+    direct = gradvar.aggregate(results, block=5, reps=100)
+    assert gradvar_merge.main([str(tmp_path / "pooled"), *(str(tmp_path / f"seed{s}") for s in (2, 0, 1)),
+                               "--block", "5", "--bootstrap", "100"]) == 0
+    pooled = json.loads((tmp_path / "pooled" / "gradvar.json").read_text())
+    assert pooled["seeds"] == [0, 1, 2] and pooled["comparator"] == "smooth_l1"
+
+    def same(a, b) -> bool:
+        if isinstance(a, float) and math.isnan(a):
+            return b is None
+        if isinstance(a, list):
+            return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+        return a == pytest.approx(b, rel=1e-12)
+
+    checked = 0
+    for w in windows:
+        for key, value in direct["per_window"][w].items():
+            assert same(value, pooled["per_window"][str(w)][key]), (w, key)
+            checked += 1
+    assert checked > 20 and math.isfinite(direct["small_variance_ratio_ci95"][0])
+    assert same(direct["small_variance_ratio"], pooled["small_variance_ratio"])
+
+    # runs that differ in more than the seed, or repeat a seed, are refused
+    other = _fake_gradvar_result(3, windows)
+    other["comparator"] = "l1"
+    (tmp_path / "seed3").mkdir()
+    (tmp_path / "seed3" / "gradvar.json").write_text(json.dumps(gradvar._json_safe({"per_seed": [other]})))
+    with pytest.raises(SystemExit, match=r"differs .* in \['comparator'\]"):
+        gradvar_merge.load_runs([tmp_path / "seed0", tmp_path / "seed3"])
+    with pytest.raises(SystemExit, match="seed 0 is in both"):
+        gradvar_merge.load_runs([tmp_path / "seed0", tmp_path / "seed0"])

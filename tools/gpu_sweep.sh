@@ -28,7 +28,9 @@
 #   PYTHON                  the interpreter (default python3)
 # Outputs: env.md, steps.md (status and time of every step), <step>.log, data/ (the scenes, written
 # once: PNG is lossless, so the runs read exactly the scenes they would generate in memory),
-# gpu_scratch/ and gpu_finetune/ (results.md, results.json, plots/, runs/), gradvar/seed*/.
+# gpu_scratch/ and gpu_finetune/ (results.md, results.json, plots/, runs/), gradvar/seed*/ (one
+# seed each) and gradvar/gradvar.json (the seeds pooled by tools/gradvar_merge.py; the table is in
+# gradvar_merge.log).
 set +e
 if [ $# -lt 1 ]; then
   echo "usage: bash tools/gpu_sweep.sh OUT_DIR   (see the comment at the top for the options)" >&2
@@ -177,10 +179,28 @@ for name in "${!PIDS[@]}"; do
   row "$name" "$(status_of "$rc")" $(( $(date +%s) - ${T0S[$name]} )) "$LIMIT"
   tail -n 5 "$OUT/$name.log"
 done
-[ "$DRY" = "1" ] && { echo "== dry run done"; cat "$OUT/steps.md"; exit 0; }
 stop_mps
 
-# 4. results of whatever finished (whole seeds first), then the checkpoints of finished runs go
+# 4. the gradient-variance seeds pooled: ratios and 95% intervals over every seed that finished
+GV_DIRS=()
+for seed in ${GRADVAR_SEEDS//,/ }; do
+  { [ "$DRY" = "1" ] || [ -f "$OUT/gradvar/seed$seed/gradvar.json" ]; } && GV_DIRS+=("$OUT/gradvar/seed$seed")
+done
+if skipped gradvar; then
+  :
+elif [ "$DRY" = "1" ]; then
+  echo "== gradvar_merge (dry run)"; echo "$PY" tools/gradvar_merge.py "$OUT/gradvar" "${GV_DIRS[@]}" --json
+  row gradvar_merge "dry run" - -
+elif [ ${#GV_DIRS[@]} -ge 2 ]; then
+  t0=$(date +%s)
+  timeout 300 "$PY" tools/gradvar_merge.py "$OUT/gradvar" "${GV_DIRS[@]}" --json > "$OUT/gradvar_merge.log" 2>&1
+  row gradvar_merge "$(status_of $?) (${#GV_DIRS[@]} seeds)" $(( $(date +%s) - t0 )) 300
+else
+  row gradvar_merge "skipped (${#GV_DIRS[@]} seeds finished, 2 needed)" - -
+fi
+[ "$DRY" = "1" ] && { echo "== dry run done"; cat "$OUT/steps.md"; exit 0; }
+
+# 5. results of whatever finished (whole seeds first), then the checkpoints of finished runs go
 #    (a stage's stays: the runs still to come start from it)
 for spec in gpu_scratch gpu_finetune; do
   skipped "${spec#gpu_}" && continue
