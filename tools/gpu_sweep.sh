@@ -142,10 +142,11 @@ LIMIT=$(( $(left) - RESERVE ))
 declare -A PIDS T0S
 launch() {  # launch NAME CMD...: in the background, time-limited, output to OUT/NAME.log
   local name="$1"; shift
-  if skipped "${name%%_seed*}"; then row "$name" "skipped (GPU_SWEEP_SKIP)" - -; return; fi
+  if skipped "${name%%_*}"; then row "$name" "skipped (GPU_SWEEP_SKIP)" - -; return; fi
   if [ "$DRY" = "1" ]; then echo "== $name (dry run)"; echo "$*"; row "$name" "dry run" - -; return; fi
   if [ "$LIMIT" -lt 30 ]; then row "$name" "skipped (budget of $BUDGET s used)" - -; return; fi
   echo "== $name (limit $LIMIT s, $(( $(date +%s) - START )) s in)"
+  rm -f "$OUT/$name.rc"
   ( timeout --kill-after=60 "$LIMIT" "$@" > "$OUT/$name.log" 2>&1; echo $? > "$OUT/$name.rc" ) &
   PIDS[$name]=$!
   T0S[$name]=$(date +%s)
@@ -167,37 +168,43 @@ for spec in gpu_scratch gpu_finetune; do
 done
 
 FIRST_GPU="${GPUS%%,*}"
+GV_LAUNCHED=0
 for seed in ${GRADVAR_SEEDS//,/ }; do
+  if [ "$DRY" != "1" ] && [ -f "$OUT/gradvar/seed$seed/gradvar.json" ]; then
+    row "gradvar_seed$seed" "done before: kept" - -; GV_LAUNCHED=1; continue
+  fi
   # shellcheck disable=SC2086
   launch "gradvar_seed$seed" env CUDA_VISIBLE_DEVICES="$FIRST_GPU" "$PY" tools/gradvar.py --config dense_small_synthetic \
     --opt $SHARED "${DATA_OPTS[@]}" --device cuda --seeds "$seed" --windows 50,300,600 --iters 100 \
     --noise-batches 100 --json --out "$OUT/gradvar/seed$seed"
+  [ -n "${PIDS[gradvar_seed$seed]:-}" ] && GV_LAUNCHED=1
 done
+# the gradient-variance seeds pooled (tools/gradvar_merge.py: ratios and 95% intervals over every
+# seed that finished) as soon as they have all ended, on the host cores they free; CPU only and
+# slow (the block bootstrap: minutes at 5 seeds x 3 windows): if the time limit stops it, run
+# OUT_DIR/gradvar/merge_command.sh on any machine
+POOL='out=$1 py=$2 seeds=$3
+for s in ${seeds//,/ }; do
+  while [ ! -f "$out/gradvar_seed$s.rc" ] && [ ! -f "$out/gradvar/seed$s/gradvar.json" ]; do sleep 5; done
+done
+dirs=(); for s in ${seeds//,/ }; do [ -f "$out/gradvar/seed$s/gradvar.json" ] && dirs+=("$out/gradvar/seed$s"); done
+[ ${#dirs[@]} -ge 2 ] || { echo "${#dirs[@]} gradient-variance seeds finished; 2 are needed to pool"; exit 3; }
+printf "%q " "$py" tools/gradvar_merge.py "$out/gradvar" "${dirs[@]}" --json > "$out/gradvar/merge_command.sh"
+exec "$py" tools/gradvar_merge.py "$out/gradvar" "${dirs[@]}" --json'
+GV_DIRS=(); for seed in ${GRADVAR_SEEDS//,/ }; do GV_DIRS+=("$OUT/gradvar/seed$seed"); done
+if [ "$DRY" = "1" ]; then
+  launch gradvar_merge "$PY" tools/gradvar_merge.py "$OUT/gradvar" "${GV_DIRS[@]}" --json
+elif [ "$GV_LAUNCHED" = 1 ]; then
+  launch gradvar_merge bash -c "$POOL" pool "$OUT" "$PY" "$GRADVAR_SEEDS"
+fi
 for name in "${!PIDS[@]}"; do
   wait "${PIDS[$name]}"
   rc=$(cat "$OUT/$name.rc" 2>/dev/null || echo 1)
   row "$name" "$(status_of "$rc")" $(( $(date +%s) - ${T0S[$name]} )) "$LIMIT"
-  tail -n 5 "$OUT/$name.log"
+  tail -n 5 "$OUT/$name.log" | cut -c1-300
 done
 stop_mps
 
-# 4. the gradient-variance seeds pooled: ratios and 95% intervals over every seed that finished
-GV_DIRS=()
-for seed in ${GRADVAR_SEEDS//,/ }; do
-  { [ "$DRY" = "1" ] || [ -f "$OUT/gradvar/seed$seed/gradvar.json" ]; } && GV_DIRS+=("$OUT/gradvar/seed$seed")
-done
-if skipped gradvar; then
-  :
-elif [ "$DRY" = "1" ]; then
-  echo "== gradvar_merge (dry run)"; echo "$PY" tools/gradvar_merge.py "$OUT/gradvar" "${GV_DIRS[@]}" --json
-  row gradvar_merge "dry run" - -
-elif [ ${#GV_DIRS[@]} -ge 2 ]; then
-  t0=$(date +%s)
-  timeout 300 "$PY" tools/gradvar_merge.py "$OUT/gradvar" "${GV_DIRS[@]}" --json > "$OUT/gradvar_merge.log" 2>&1
-  row gradvar_merge "$(status_of $?) (${#GV_DIRS[@]} seeds)" $(( $(date +%s) - t0 )) 300
-else
-  row gradvar_merge "skipped (${#GV_DIRS[@]} seeds finished, 2 needed)" - -
-fi
 [ "$DRY" = "1" ] && { echo "== dry run done"; cat "$OUT/steps.md"; exit 0; }
 
 # 5. results of whatever finished (whole seeds first), then the checkpoints of finished runs go
