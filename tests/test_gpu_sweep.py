@@ -28,7 +28,7 @@ def test_gpu_specs_scale_the_cpu_specs_and_every_run_loads(gpu_name, cpu_name):
     assert {k: v["overrides"] for k, v in gpu.variants.items()} == {k: v["overrides"] for k, v in cpu.variants.items()}
     assert len(gpu.variants) == 11 and gpu.baseline == cpu.baseline == "dino_l1"
     assert set(cpu.seeds) < set(gpu.seeds) and len(gpu.seeds) >= 5
-    assert gpu.steps >= 2 * cpu.steps
+    assert gpu.steps >= 1.5 * cpu.steps
     assert gpu.processes * gpu.threads <= 16  # one GPU machine's host cores
     runs = sweep.plan_runs(gpu)
     assert len(runs) == len(gpu.variants) * len(gpu.seeds) + len(gpu.stages)
@@ -40,7 +40,8 @@ def test_gpu_specs_scale_the_cpu_specs_and_every_run_loads(gpu_name, cpu_name):
         assert h * w >= 4 * 128 * 128 and cfg.data.synthetic_small_side_px == (3.0, 7.0, 16.0)
         assert cfg.model.num_queries >= cfg.data.synthetic_max_objects  # every object can be matched
         assert cfg.eval.max_dets > cfg.data.synthetic_max_objects
-        assert cfg.eval.interval == 1  # AP after every epoch: the AP-vs-step curves
+        evaluated = set(range(cfg.eval.interval, cfg.optim.epochs + 1, cfg.eval.interval)) | {cfg.optim.epochs}
+        assert len(evaluated) >= 3  # the AP-vs-step curves
         assert cfg.model.matcher_threads == 1 and cfg.runtime.num_threads == 1  # one host core per run
         steps_per_epoch = cfg.data.synthetic_train_images // cfg.optim.batch_size
         assert cfg.optim.epochs * steps_per_epoch == run.steps and cfg.optim.lr_drop == cfg.optim.epochs - 1

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU version of the UGS-vs-DINO measurement (docs/results.md, "On a GPU"): both protocols
-# (configs/sweeps/gpu_scratch.toml and gpu_finetune.toml: 11 variants x 5 seeds, 2x the CPU steps,
+# (configs/sweeps/gpu_scratch.toml and gpu_finetune.toml: 11 variants x 5 seeds, 1.6x the CPU steps,
 # 256 x 256 px dense small-object scenes) side by side on one GPU, several runs at a time, and the
 # gradient-variance diagnostic (tools/gradvar.py, comparator Smooth-L1) at 5 seeds next to them.
 # Run from anywhere in a checkout:
@@ -13,8 +13,8 @@
 # same OUT_DIR skips finished runs and resumes interrupted ones. Optional inputs (environment):
 #   GPU_SWEEP_BUDGET=S      seconds for the whole (default 480)
 #   GPU_SWEEP_GPUS=0        comma-separated GPU ids the runs are spread over (default 0)
-#   GPU_SWEEP_PROCESSES="7 4"  runs at a time of the scratch and the fine-tuning sweep (in all, on
-#                           all GPUs; default 7 and 4: with 5 gradient-variance runs, 16 host cores)
+#   GPU_SWEEP_PROCESSES="6 5"  runs at a time of the scratch and the fine-tuning sweep (in all, on
+#                           all GPUs; default 6 and 5: with 5 gradient-variance runs, 16 host cores)
 #   GPU_SWEEP_MPS=1         start an NVIDIA MPS control daemon of this user for the runs, so that
 #                           their small kernels overlap on the GPU (default 1 where
 #                           nvidia-cuda-mps-control exists; 0: the runs take turns on the GPU)
@@ -43,7 +43,7 @@ PY="${PYTHON:-python3}"
 BUDGET="${GPU_SWEEP_BUDGET:-480}"
 DRY="${GPU_SWEEP_DRY_RUN:-0}"
 GPUS="${GPU_SWEEP_GPUS:-0}"
-read -r P_SCRATCH P_FINETUNE <<< "${GPU_SWEEP_PROCESSES:-7 4}"
+read -r P_SCRATCH P_FINETUNE <<< "${GPU_SWEEP_PROCESSES:-6 5}"
 GRADVAR_SEEDS="${GPU_SWEEP_GRADVAR_SEEDS:-0,1,2,3,4}"
 START=$(date +%s)
 CORES=$(nproc)
