@@ -207,7 +207,7 @@ stop_mps
 
 [ "$DRY" = "1" ] && { echo "== dry run done"; cat "$OUT/steps.md"; exit 0; }
 
-# 5. results of whatever finished (whole seeds first), then the checkpoints of finished runs go
+# 4. results of whatever finished (whole seeds first), then the checkpoints of finished runs go
 #    (a stage's stays: the runs still to come start from it)
 for spec in gpu_scratch gpu_finetune; do
   skipped "${spec#gpu_}" && continue

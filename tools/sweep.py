@@ -14,7 +14,9 @@ GPU). Every run starts with `--resume auto`: rerunning the command after a kill 
 aggregated into OUT/results.md, OUT/results.json and OUT/plots/*.png (tools/sweep_stats.py).
 
 A spec error (unknown key, an override the config does not have, a missing baseline, a bad
-value) stops the command before anything runs, naming the spec's line.
+value) stops the command before anything runs, naming the spec's line. `--opt KEY=VALUE ...` adds
+overrides to every run after the spec's shared ones (what differs between machines, such as
+where the data lies; tools/gpu_sweep.sh points the runs at scenes it wrote once).
 
     python tools/sweep.py configs/sweeps/scratch.toml             # run or continue, then aggregate
     python tools/sweep.py configs/sweeps/scratch.toml --dry-run   # validate, print the commands
