@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-ignored-regions", type=int, default=2)
     parser.add_argument("--small-side", type=float, nargs=3, default=(4.0, 10.0, 31.0),
                         metavar=("MIN", "MEDIAN", "MAX"), help="small objects' side in pixels")
+    parser.add_argument("--clutter", type=int, default=0,
+                        help="up to this many unannotated distractors per image (data.synthetic_clutter)")
     parser.add_argument("--format", choices=("png", "jpg"), default="png")
     add_debug_option(parser)
     args = parser.parse_args(argv)
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     coco, images, gen_stats = generate_synthetic(args.images, tuple(args.size), args.min_objects,
                                                  args.max_objects, args.seed, file_ext=args.format,
                                                  max_ignored_regions=args.max_ignored_regions,
-                                                 small_side=tuple(args.small_side))
+                                                 small_side=tuple(args.small_side), clutter=args.clutter)
     image_dir = args.out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     for info in tqdm(coco["images"], desc="writing images", unit="img", disable=not sys.stderr.isatty()):

@@ -14,7 +14,9 @@ GPU). Every run starts with `--resume auto`: rerunning the command after a kill 
 aggregated into OUT/results.md, OUT/results.json and OUT/plots/*.png (tools/sweep_stats.py).
 
 A spec error (unknown key, an override the config does not have, a missing baseline, a bad
-value) stops the command before anything runs, naming the spec's line.
+value) stops the command before anything runs, naming the spec's line. `--opt KEY=VALUE ...` adds
+overrides to every run after the spec's shared ones (what differs between machines, such as
+where the data lies; tools/gpu_sweep.sh points the runs at scenes it wrote once).
 
     python tools/sweep.py configs/sweeps/scratch.toml             # run or continue, then aggregate
     python tools/sweep.py configs/sweeps/scratch.toml --dry-run   # validate, print the commands
@@ -127,9 +129,10 @@ def _typed(path: Path, text: str, value: object, kind: type, key: str, where: st
     return value
 
 
-def load_spec(path: str | Path, cores: int | None = None) -> Spec:
+def load_spec(path: str | Path, cores: int | None = None, extra_overrides: list[str] | tuple = ()) -> Spec:
     """Parse and validate a spec; every variant's and stage's config is loaded (so an override the
-    config does not have fails here, with the line it is on)."""
+    config does not have fails here, with the line it is on). `extra_overrides` (the command
+    line's `--opt`) follow the spec's shared overrides in every run and are validated with them."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such sweep spec")
@@ -158,7 +161,8 @@ def load_spec(path: str | Path, cores: int | None = None) -> Spec:
         raise _err(path, _line_of(text, None, "processes"), f"processes x threads = {processes} x {threads} "
                    f"exceeds the {cores} CPU cores; lower one (or pass --processes)")
     spec = Spec(path=path, name=str(raw.get("name", path.stem)), base=base,
-                overrides=list(_typed(path, text, raw.get("overrides", []), list, "overrides", None)),
+                overrides=list(_typed(path, text, raw.get("overrides", []), list, "overrides", None))
+                + list(extra_overrides),
                 steps=steps, seeds=list(seeds), baseline=_typed(path, text, raw["baseline"], str, "baseline", None),
                 processes=processes, threads=threads,
                 checkpoint_every=_typed(path, text, raw.get("checkpoint_every", max(1, steps // 10)), int,
@@ -491,12 +495,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the spec's variants (the baseline is always kept)")
     p.add_argument("--seeds", default=None, help="comma-separated subset of the spec's seeds")
+    p.add_argument("--opt", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="overrides added to every run after the spec's shared ones (e.g. where the "
+                        "data lies on this machine); validated like the spec's")
     args = p.parse_args(argv)
     gpus = [g.strip() for g in args.gpus.split(",") if g.strip()] if args.gpus else None
     # with GPUs the processes share devices, not cores: the core check is for CPU runs
     cores = 1 << 30 if (gpus or args.processes) else None  # --processes is checked below
     try:
-        spec = load_spec(args.spec, cores=cores)
+        spec = load_spec(args.spec, cores=cores, extra_overrides=args.opt)
     except SpecError as exc:
         print(f"sweep spec error: {exc}", file=sys.stderr)
         return 2
