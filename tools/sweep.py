@@ -406,8 +406,10 @@ def execute(spec: Spec, runs: list[Run], processes: int, gpus: list[str] | None 
                 if gpu is not None:
                     gpu_load[gpu] += 1
                 active.append(a)
-                print(f"[sweep] {run.name}: started" + (f" from step {a.step_before}" if a.step_before else "")
-                      + (f" on GPU {gpu}" if gpu is not None else ""), flush=True)
+                again = (f" again (step {a.step_before} logged; it resumes from its last checkpoint)"
+                         if a.step_before else "")
+                print(f"[sweep] {run.name}: started{again}" + (f" on GPU {gpu}" if gpu is not None else ""),
+                      flush=True)
             if not active and pending:  # waiting on a stage that is neither running nor done
                 for r in pending:
                     failed.append(r.name)
