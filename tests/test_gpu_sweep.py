@@ -52,6 +52,22 @@ def test_gpu_specs_scale_the_cpu_specs_and_every_run_loads(gpu_name, cpu_name):
     assert (full.ugs.loss.um_weight, full.ugs.ur.weight, full.optim.lr_box_head_last_mult) == (0.5, 0.5, 1.0)
 
 
+def test_convergence_spec_follows_the_deciding_variants_well_past_the_equal_budget():
+    conv = sweep.load_spec(SPECS / "gpu_convergence.toml", cores=16)
+    scratch = sweep.load_spec(SPECS / "gpu_scratch.toml", cores=16)
+    assert conv.steps >= 3 * scratch.steps and conv.baseline == "dino_l1" and len(conv.seeds) >= 3
+    # both head multipliers on both sides, and the paper's Smooth-L1 baseline, as in the other specs
+    assert set(conv.variants) == {"dino_l1", "dino_l1_head_x10", "ugs_full", "ugs_full_head_x10", "smooth_l1"}
+    assert all(conv.variants[k]["overrides"] == scratch.variants[k]["overrides"] for k in conv.variants)
+    for run in sweep.plan_runs(conv):
+        cmd = sweep.command(conv, run)
+        cfg = load_config(cmd[cmd.index("--config") + 1], cmd[cmd.index("--opt") + 1: cmd.index("--resume")])
+        steps_per_epoch = cfg.data.synthetic_train_images // cfg.optim.batch_size
+        assert cfg.optim.epochs * steps_per_epoch == run.steps
+        assert len(range(cfg.eval.interval, cfg.optim.epochs + 1, cfg.eval.interval)) >= 8  # a curve to see flatten
+        assert cfg.optim.lr_drop < cfg.optim.epochs  # the drop happens before the end
+
+
 def test_command_line_overrides_reach_every_run_and_are_validated(tmp_path):
     extra = ["data.dataset=coco", "data.train_images=a", "data.train_annotations=b.json",
              "data.val_images=c", "data.val_annotations=d.json"]
