@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default=None,
                    help="comma-separated subset of the spec's variants (the baseline is always kept)")
     p.add_argument("--seeds", default=None, help="comma-separated subset of the spec's seeds")
-    p.add_argument("--opt", nargs="+", default=[], metavar="KEY=VALUE",
+    p.add_argument("--opt", nargs="*", action="extend", default=[], metavar="KEY=VALUE",
                    help="overrides added to every run after the spec's shared ones (e.g. where the "
                         "data lies on this machine); validated like the spec's")
     args = p.parse_args(argv)
