@@ -32,6 +32,7 @@ def config() -> Config:
     m.dn_number = 100
     cfg.eval.max_dets = 300  # up to 90 objects per scene: a cap of 100 would truncate recall
     cfg.eval.num_select = 300
+    cfg.eval.interval = 1  # after every epoch: the sweeps' AP-vs-step curves (the demo evaluates every second)
     o = cfg.optim
     o.lr_box_head_last_mult = 1.0  # the paper's setting; the sweeps add x10 as a separate variant
     o.epochs = 5

@@ -19,6 +19,8 @@ def _generate(clutter: int, n: int = 12):
 def test_dense_config_scenes_are_dense_and_small():
     cfg = load_config("dense_small_synthetic")
     assert cfg.data.synthetic_clutter > 0 and cfg.ugs.ablation == "full" and cfg.optim.lr_box_head_last_mult == 1.0
+    # the sweeps' schedule, whatever the demo it derives from uses: 5 epochs of 80 steps, evaluated after each
+    assert (cfg.optim.epochs, cfg.optim.lr_drop, cfg.eval.interval, cfg.data.synthetic_train_images) == (5, 4, 1, 320)
     coco, _, _ = _generate(cfg.data.synthetic_clutter)
     objects = [a for a in coco["annotations"] if not a["iscrowd"]]
     assert len(objects) / 12 >= 25  # many objects per scene
