@@ -177,13 +177,13 @@ def test_gradvar_runs_of_one_seed_each_pool_into_the_one_call_result(tmp_path):
     import math
 
     from tools import gradvar, gradvar_merge
+    from util.logging import write_json_atomic
 
     windows = [50, 300]
     results = [_fake_gradvar_result(seed, windows) for seed in (0, 1, 2)]
     for r in results:  # what tools/gradvar.py writes for a one-seed call
         (tmp_path / f"seed{r['seed']}").mkdir()
-        (tmp_path / f"seed{r['seed']}" / "gradvar.json").write_text(
-            json.dumps(gradvar._json_safe({"per_seed": [r]}), indent=1))
+        write_json_atomic(tmp_path / f"seed{r['seed']}" / "gradvar.json", {"per_seed": [r]}, indent=1)
     direct = gradvar.aggregate(results, block=5, reps=100)
     assert gradvar_merge.main([str(tmp_path / "pooled"), *(str(tmp_path / f"seed{s}") for s in (2, 0, 1)),
                                "--block", "5", "--bootstrap", "100"]) == 0
@@ -209,7 +209,7 @@ def test_gradvar_runs_of_one_seed_each_pool_into_the_one_call_result(tmp_path):
     other = _fake_gradvar_result(3, windows)
     other["comparator"] = "l1"
     (tmp_path / "seed3").mkdir()
-    (tmp_path / "seed3" / "gradvar.json").write_text(json.dumps(gradvar._json_safe({"per_seed": [other]})))
+    write_json_atomic(tmp_path / "seed3" / "gradvar.json", {"per_seed": [other]})
     with pytest.raises(SystemExit, match=r"differs .* in \['comparator'\]"):
         gradvar_merge.load_runs([tmp_path / "seed0", tmp_path / "seed3"])
     with pytest.raises(SystemExit, match="seed 0 is in both"):

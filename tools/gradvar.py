@@ -62,6 +62,7 @@ from models.offset_baseline import OffsetSmoothL1Loss  # noqa: E402
 from tools.gradvar_stats import (block_bootstrap_ratio, detrended_oscillation, geometric_mean, safe_ratio,  # noqa: E402,F401
                                  seed_bootstrap, series_stats, window_ratios)
 from util.box_ops import inverse_sigmoid, paired_generalized_box_iou  # noqa: E402
+from util.logging import json_safe, write_json_atomic  # noqa: E402
 from util.cli import add_debug_option, entry_point  # noqa: E402
 
 
@@ -402,16 +403,6 @@ def report_text(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _json_safe(obj):  # noqa: ANN001, ANN202
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 @entry_point
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -461,15 +452,13 @@ def main(argv: list[str] | None = None) -> int:
                **aggregate(results, args.block, args.bootstrap)}
     png = plot(results[0], args.out / "gradvar.png")
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "gradvar.json.tmp"
-    tmp.write_text(json.dumps(_json_safe({**summary, "per_seed": results}), indent=1) + "\n")
-    os.replace(tmp, args.out / "gradvar.json")
+    write_json_atomic(args.out / "gradvar.json", {**summary, "per_seed": results}, indent=1)
     for r in results:
         print(report_text(r))
     print(summary_text(summary))
     print(f"wrote {png} and {args.out / 'gradvar.json'}", flush=True)
     if args.json:
-        print(json.dumps(_json_safe({**summary, "png": str(png)})))
+        print(json.dumps(json_safe({**summary, "png": str(png)}), allow_nan=False))
     return 0
 
 

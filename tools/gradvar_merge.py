@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tools.gradvar import COMPARATORS, _json_safe, aggregate, summary_text  # noqa: E402
+from tools.gradvar import COMPARATORS, aggregate, summary_text  # noqa: E402
 from util.cli import add_debug_option, entry_point  # noqa: E402
+from util.logging import json_safe, write_json_atomic  # noqa: E402
 
 # what one seed's run must share with the others for the pooled statistics to mean anything
 SAME = ("config", "overrides", "variant", "comparator", "head_mult", "iters", "windows", "noise_batches",
@@ -96,14 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     results = load_runs(args.runs)
     summary = merge(results, args.block, args.bootstrap)
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = args.out / "gradvar.json.tmp"
-    tmp.write_text(json.dumps(_json_safe({**summary, "per_seed": results}), indent=1) + "\n")
-    os.replace(tmp, args.out / "gradvar.json")
+    write_json_atomic(args.out / "gradvar.json", {**summary, "per_seed": results}, indent=1)
     print(summary_text(summary))
     print(f"pooled {len(results)} seeds {summary['seeds']} from {len(args.runs)} runs; wrote "
           f"{args.out / 'gradvar.json'}", flush=True)
     if args.json:
-        print(json.dumps(_json_safe(summary)))
+        print(json.dumps(json_safe(summary), allow_nan=False))
     return 0
 
 

@@ -140,10 +140,7 @@ def results_markdown(doc: dict, title: str, command: str, notes: Sequence[str] =
 
 def plot_curves(curves: dict[str, dict[int, list[dict]]], path: Path, metric: str = "AP") -> Path:
     """AP vs step per variant: mean over seeds, band = min..max over seeds (at the shared steps)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from util.plots import plt, save_figure  # matplotlib on the Agg backend, loaded only to plot
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for variant, per_seed in curves.items():
@@ -164,19 +161,13 @@ def plot_curves(curves: dict[str, dict[int, list[dict]]], path: Path, metric: st
     ax.set_title(f"{metric} vs step (line: mean over seeds; band: min..max)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_deltas(doc: dict, path: Path, metrics: Sequence[str] = ("AP", "APs", "AP_smallest")) -> Path:
     """Bar chart of the mean paired deltas vs the baseline with their 95% intervals."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from util.plots import plt, save_figure  # matplotlib on the Agg backend, loaded only to plot
 
     names = [v for v in doc["variants"] if v != doc["baseline"]]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 4.5))
@@ -193,8 +184,5 @@ def plot_deltas(doc: dict, path: Path, metrics: Sequence[str] = ("AP", "APs", "A
     ax.set_ylabel(f"delta vs {doc['baseline']}")
     ax.set_title("paired per-seed deltas (mean, 95% paired-t interval)")
     ax.legend(fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -15,7 +15,8 @@ import torch  # noqa: E402
 from util.logging import read_jsonl  # noqa: E402
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
+    """Written atomically (temporary file + rename), so a reader never sees half a PNG."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.png")
@@ -109,7 +110,7 @@ def loss_figure(records: Sequence[dict]) -> plt.Figure | None:
 def plot_loss_curves(log_path: str | Path, out_path: str | Path) -> Path | None:
     """loss_figure of the run's log.jsonl as a PNG (None when no step has a finite loss yet)."""
     fig = loss_figure(read_jsonl(log_path))
-    return None if fig is None else _save(fig, out_path)
+    return None if fig is None else save_figure(fig, out_path)
 
 
 AP_KEYS = ("AP", "AP50", "AP75", "APs", "AR")
@@ -144,7 +145,7 @@ def ap_figure(records: Sequence[dict]) -> plt.Figure | None:
 def plot_ap_history(history_path: str | Path, out_path: str | Path) -> Path | None:
     """ap_figure of the run's metrics_history.jsonl as a PNG."""
     fig = ap_figure(read_jsonl(history_path))
-    return None if fig is None else _save(fig, out_path)
+    return None if fig is None else save_figure(fig, out_path)
 
 
 def place_labels(ax: plt.Axes, items: Sequence[tuple[float, float, str, Any]], fontsize: float,
@@ -221,7 +222,7 @@ def plot_detections(samples: Sequence, out_path: str | Path, score_threshold: fl
         ax.axis("off")
     if title:
         fig.suptitle(title, fontsize=10)
-    return _save(fig, out_path)
+    return save_figure(fig, out_path)
 
 
 def image_detections_figure(image: torch.Tensor, boxes_xyxy: torch.Tensor, scores: torch.Tensor,
