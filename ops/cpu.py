@@ -1,5 +1,14 @@
 """CPU multi-scale deformable attention: one fused gather-and-weighted-sum over all levels.
 
+The backward has two methods with the same geometry and the same results (to float rounding):
+- "sparse" (any size): the embedding_bag formulation below, transposed;
+- "dense" (small maps, finite values): the sampling weights are scattered into a dense matrix A of
+  (N*M, Lq, S) and the gradients become batched matrix products (A^T @ dOut for value, dOut @ V^T
+  read at the corners for the sampling weights). At the CPU demo's shapes (S = 265) that is about
+  twice as fast: a GEMM over a 265-wide row beats gathering 64 scattered rows per query. At full
+  DINO resolution the matrix would not fit, so "auto" picks it only up to DENSE_MAX_ELEMENTS. The
+  forward is always sparse (one embedding_bag is cheaper than building A).
+
 The plain path (ops/reference.py) loops over levels, copies every value map into grid_sample's
 (N*M, D, H, W) layout, materialises all sampled vectors and then reduces them. Here each of the 4
 bilinear corners of each sampling point becomes one row index into value's own (N*S*M, D) layout
@@ -17,6 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from ops.validate import compute_dtype
+
+# "auto" uses the dense method when the (N*M, Lq, S) sampling matrix has at most this many elements
+# and S is at most DENSE_MAX_SPATIAL (docs/benchmarks.md, "CPU methods", has the crossover).
+DENSE_MAX_ELEMENTS = 1 << 23
+DENSE_MAX_SPATIAL = 600
+METHODS = ("auto", "dense", "sparse")
 
 
 class _Geometry(NamedTuple):
@@ -44,19 +59,24 @@ class _Geometry(NamedTuple):
 
 
 def _geometry(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
-              sampling_locations: torch.Tensor, attention_weights: torch.Tensor) -> _Geometry:
+              sampling_locations: torch.Tensor, attention_weights: torch.Tensor, dense: bool = False
+              ) -> _Geometry:
     """Pixel (i, j) of level l (row i, column j) has its centre at ((j + 0.5) / W_l, (i + 0.5) / H_l)
-    in normalised (x, y), so x_pix = x * W_l - 0.5 (the align_corners=False convention)."""
+    in normalised (x, y), so x_pix = x * W_l - 0.5 (the align_corners=False convention).
+    With `dense`, `rows` index the flattened (N*M, Lq, S) sampling matrix instead of value's rows."""
     n, s, m, _ = value.shape
     lq, _, num_levels, num_points, _ = sampling_locations.shape[1:]
     bags = n * lq * m
     dtype = sampling_locations.dtype
     device = value.device
-    index_dtype = torch.int32 if n * s * m < 2**31 else torch.int64  # int32 index math is cheaper
+    largest = n * m * lq * s if dense else n * s * m
+    index_dtype = torch.int32 if largest < 2**31 else torch.int64  # int32 index math is cheaper
 
     # points-major (axis (x, y), L, P, B); sizes (W, H) per level broadcast over (P, B)
-    loc = sampling_locations.permute(5, 3, 4, 0, 1, 2).reshape(2, num_levels, num_points, bags)
-    attn = attention_weights.reshape(bags, num_levels, num_points).permute(1, 2, 0)  # (L, P, B) view
+    # contiguous copies: reshape would return views whose bag dimension is outermost in memory, and
+    # every op below would inherit that layout (about 3x slower per geometry)
+    loc = sampling_locations.permute(5, 3, 4, 0, 1, 2).reshape(2, num_levels, num_points, bags).contiguous()
+    attn = attention_weights.reshape(bags, num_levels, num_points).permute(1, 2, 0).contiguous()  # (L, P, B)
     sizes = spatial_shapes.t().flip(0).to(index_dtype).reshape(2, num_levels, 1, 1)
     float_sizes = sizes.to(dtype)
     pixel = torch.addcmul(torch.tensor(-0.5, dtype=dtype, device=device), loc, float_sizes)
@@ -74,13 +94,20 @@ def _geometry(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_ind
     c0 = torch.clamp(low_i, zero, last)
     c1 = torch.clamp(low_i + 1, zero, last)
 
-    # row of value.view(N*S*M, D) = (n * S + start_l + y * W_l + x) * M + head
-    nh = (torch.arange(n, device=device, dtype=index_dtype).view(n, 1, 1) * (s * m)
-          + torch.arange(m, device=device, dtype=index_dtype).view(1, 1, m)).expand(n, lq, m).reshape(bags)
-    base = level_start_index.to(index_dtype).view(num_levels, 1, 1) * m + nh  # (L, 1, B)
-    row_stride = sizes[0] * m  # W_l * M per level, (L, 1, 1)
+    def arange(k: int, shape: tuple[int, int, int], stride: int) -> torch.Tensor:
+        return torch.arange(k, device=device, dtype=index_dtype).view(shape) * stride
+
+    # bag (n, q, head) -> sparse: row of value.view(N*S*M, D) = (n * S + start_l + y * W_l + x) * M + head;
+    # dense: entry of the (N, M, Lq, S) matrix = ((n * M + head) * Lq + q) * S + start_l + y * W_l + x
+    stride = 1 if dense else m  # between neighbouring pixels
+    if dense:
+        per_bag = arange(n, (n, 1, 1), m * lq * s) + arange(lq, (1, lq, 1), s) + arange(m, (1, 1, m), lq * s)
+    else:
+        per_bag = (arange(n, (n, 1, 1), s * m) + arange(m, (1, 1, m), 1)).expand(n, lq, m)
+    base = level_start_index.to(index_dtype).view(num_levels, 1, 1) * stride + per_bag.reshape(bags)  # (L, 1, B)
+    row_stride = sizes[0] * stride  # W_l * stride per level, (L, 1, 1)
     row_y = (torch.addcmul(base, c0[1], row_stride), torch.addcmul(base, c1[1], row_stride))
-    col_x = (c0[0] * m, c1[0] * m)
+    col_x = (c0[0] * stride, c1[0] * stride)
     wx, wy = (w0[0], w1[0]), (w0[1], w1[1])
     attn_wy = (wy[0] * attn, wy[1] * attn)
 
@@ -115,12 +142,39 @@ def _table_and_rows(value_c: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor
     return torch.cat([table, table.new_zeros(1, table.shape[1])]), rows
 
 
-def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
+def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, method):
+    """value in the compute dtype, contiguous; the method that will run; its geometry."""
     dtype = compute_dtype(value.dtype)
     value_c = value.to(dtype).contiguous()
+    dense = chosen_method(value_c, sampling_locations.shape[1], method) == "dense"
     geo = _geometry(value_c, spatial_shapes, level_start_index, sampling_locations.to(dtype),
-                    attention_weights.to(dtype))
-    return value_c, geo
+                    attention_weights.to(dtype), dense=dense)
+    return value_c, ("dense" if dense else "sparse"), geo
+
+
+def chosen_method(value: torch.Tensor, num_queries: int, method: str = "auto") -> str:
+    """The method that runs for `value` (N, S, M, D) and `num_queries` queries: "dense" when asked
+    for or ("auto") when the sampling matrix is small, but never with a non-finite value entry
+    (the dense products would spread it to every query of its (n, head)); else "sparse"."""
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {METHODS}")
+    n, s, m, _ = value.shape
+    small = n * m * num_queries * s <= DENSE_MAX_ELEMENTS and s <= DENSE_MAX_SPATIAL
+    if method == "sparse" or (method == "auto" and not small):
+        return "sparse"
+    return "dense" if bool(torch.isfinite(value).all()) else "sparse"
+
+
+def _sampling_matrix(geo: _Geometry, n: int, m: int, lq: int, s: int) -> torch.Tensor:
+    """(N*M, Lq, S): the summed corner weights of each query over each value position."""
+    matrix = torch.zeros(n * m * lq * s, dtype=geo.weights.dtype, device=geo.weights.device)
+    matrix.index_add_(0, geo.rows.reshape(-1), geo.weights.reshape(-1))
+    return matrix.view(n * m, lq, s)
+
+
+def _per_head(x: torch.Tensor, n: int, length: int, m: int, d: int) -> torch.Tensor:
+    """(N, length, M*D) or (N, length, M, D) -> (N*M, length, D), contiguous."""
+    return x.reshape(n, length, m, d).transpose(1, 2).reshape(n * m, length, d)
 
 
 def ms_deform_attn_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
@@ -129,11 +183,13 @@ def ms_deform_attn_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_
 
     Computes in float64 for float64 value and in float32 otherwise; returns value's dtype. Only tensor
     ops, so it runs on any device, but it is tuned and tested for CPU. Not differentiable by autograd
-    (in-place ops on intermediates); the gradients are ms_deform_attn_cpu_backward.
+    (in-place ops on intermediates); the gradients are ms_deform_attn_cpu_backward. Always the sparse
+    method: one embedding_bag is cheaper than building the dense matrix, even at small sizes.
     """
     n, _, m, d = value.shape
     lq = sampling_locations.shape[1]
-    value_c, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    value_c, _, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
+                               attention_weights, "sparse")
     table, rows = _table_and_rows(value_c, geo)
     out = F.embedding_bag(rows, table, mode="sum", per_sample_weights=geo.weights)
     return out.view(n, lq, m * d).to(value.dtype)
@@ -142,43 +198,33 @@ def ms_deform_attn_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_
 def ms_deform_attn_cpu_backward(value: torch.Tensor, spatial_shapes: torch.Tensor,
                                 level_start_index: torch.Tensor, sampling_locations: torch.Tensor,
                                 attention_weights: torch.Tensor, grad_output: torch.Tensor,
-                                chunk_elements: int = 1 << 20
+                                chunk_elements: int = 1 << 18, method: str = "auto"
                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (value, sampling_locations, attention_weights), contiguous, each in its input's dtype.
 
     Corner (i, j) of a point has weight w_ij = a * wy_i * wx_j in out[bag] (a: attention weight):
-      d value[r] = sum over corners with row r of w_ij * grad_out[bag]   (a transposed embedding_bag:
-                   corners sorted by row, each value row a bag of grad_out rows);
-      g_ij       = <grad_out[bag], value[row_ij]>                         (gathered in chunks);
+      d value[r] = sum over corners with row r of w_ij * grad_out[bag]   (sparse: a transposed
+                   embedding_bag, corners sorted by row; dense: A^T @ grad_out);
+      g_ij       = <grad_out[bag], value[row_ij]>                         (sparse: gathered in chunks
+                   of `chunk_elements`, sized for the cache; dense: grad_out @ V^T at the corners);
       d a        = sum_ij g_ij wy_i wx_j;
       d x        = a W_l sum_i wy_i (g_i1 vx_1 - g_i0 vx_0)  (d wx_0 / d x_pix = -vx_0, d wx_1 = +vx_1),
       d y        = a H_l sum_j wx_j (g_1j vy_1 - g_0j vy_0).
     """
     n, s, m, d = value.shape
     lq, _, num_levels, num_points, _ = sampling_locations.shape[1:]
-    value_c, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights)
+    value_c, method, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
+                                    attention_weights, method)
     bags, per_bag = geo.rows.shape
-    grad_rows = grad_output.to(value_c.dtype).reshape(bags, d)
-
-    table, rows = _table_and_rows(value_c, geo)
-
-    # value: sort the corner rows, then one embedding_bag per value row over grad_out rows
-    rows_sorted, order = torch.sort(rows.reshape(-1), stable=True)
-    counts = torch.bincount(rows_sorted, minlength=table.shape[0])
-    offsets = torch.cumsum(counts, 0) - counts
-    sorted_weights = geo.weights.reshape(-1).index_select(0, order)  # index_select: faster than [order]
-    grad_value = F.embedding_bag(torch.div(order, per_bag, rounding_mode="floor"), grad_rows, offsets,
-                                 mode="sum", per_sample_weights=sorted_weights)
-
-    grad_value = grad_value[:n * s * m]  # without _table_and_rows' zero row, if any
-
-    # per-corner dot products g_ij, gathered in chunks of bags to bound memory
-    g = torch.empty(bags, per_bag, dtype=value_c.dtype, device=value_c.device)
-    step = max(1, chunk_elements // (per_bag * d))
-    for lo in range(0, bags, step):
-        hi = min(bags, lo + step)
-        gathered = table.index_select(0, rows[lo:hi].reshape(-1)).view(hi - lo, per_bag, d)
-        g[lo:hi] = (gathered * grad_rows[lo:hi].unsqueeze(1)).sum(-1)
+    if method == "dense":
+        matrix = _sampling_matrix(geo, n, m, lq, s)
+        grad_heads = _per_head(grad_output.to(value_c.dtype), n, lq, m, d)  # (N*M, Lq, D)
+        grad_value = torch.bmm(matrix.transpose(1, 2), grad_heads)  # (N*M, S, D)
+        grad_value = grad_value.view(n, m, s, d).transpose(1, 2)
+        grad_matrix = torch.bmm(grad_heads, _per_head(value_c, n, s, m, d).transpose(1, 2))  # (N*M, Lq, S)
+        g = grad_matrix.view(-1).index_select(0, geo.rows.reshape(-1)).view(bags, per_bag)
+    else:
+        grad_value, g = _sparse_value_and_corner_grads(value_c, geo, grad_output, chunk_elements)
     # points-major like the geometry: g_t[i, j] is (L, P, B)
     g_t = g.t().contiguous().view(2, 2, num_levels, num_points, bags)
 
@@ -191,6 +237,33 @@ def ms_deform_attn_cpu_backward(value: torch.Tensor, spatial_shapes: torch.Tenso
 
     grad_loc = grad_loc.permute(3, 1, 2, 0).reshape(n, lq, m, num_levels, num_points, 2)
     grad_attn = grad_attn.permute(2, 0, 1).reshape(n, lq, m, num_levels, num_points)
-    return (grad_value.view(n, s, m, d).to(value.dtype).contiguous(),
+    return (grad_value.reshape(n, s, m, d).to(value.dtype).contiguous(),
             grad_loc.to(sampling_locations.dtype).contiguous(),
             grad_attn.to(attention_weights.dtype).contiguous())
+
+
+def _sparse_value_and_corner_grads(value_c: torch.Tensor, geo: _Geometry, grad_output: torch.Tensor,
+                                   chunk_elements: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """d value (N*S*M, D) and the corner dot products g (B, K) of the sparse method."""
+    bags, per_bag = geo.rows.shape
+    d = value_c.shape[-1]
+    grad_rows = grad_output.to(value_c.dtype).reshape(bags, d)
+    table, rows = _table_and_rows(value_c, geo)
+
+    # value: sort the corner rows, then one embedding_bag per value row over grad_out rows
+    rows_sorted, order = torch.sort(rows.reshape(-1), stable=True)
+    counts = torch.bincount(rows_sorted, minlength=table.shape[0])
+    offsets = torch.cumsum(counts, 0) - counts
+    sorted_weights = geo.weights.reshape(-1).index_select(0, order)  # index_select: faster than [order]
+    grad_value = F.embedding_bag(torch.div(order, per_bag, rounding_mode="floor"), grad_rows, offsets,
+                                 mode="sum", per_sample_weights=sorted_weights)
+    grad_value = grad_value[:value_c.numel() // d]  # without _table_and_rows' zero row, if any
+
+    # per-corner dot products g_ij, gathered in chunks of bags to bound memory
+    g = torch.empty(bags, per_bag, dtype=value_c.dtype, device=value_c.device)
+    step = max(1, chunk_elements // (per_bag * d))
+    for lo in range(0, bags, step):
+        hi = min(bags, lo + step)
+        gathered = table.index_select(0, rows[lo:hi].reshape(-1)).view(hi - lo, per_bag, d)
+        g[lo:hi] = (gathered * grad_rows[lo:hi].unsqueeze(1)).sum(-1)
+    return grad_value, g

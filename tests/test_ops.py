@@ -11,7 +11,8 @@ from torch._functorch.aot_autograd import make_boxed_func
 
 import ops
 from ops import library, validate
-from ops.cpu import ms_deform_attn_cpu_backward
+from ops import cpu as ops_cpu
+from ops.cpu import chosen_method, ms_deform_attn_cpu_backward
 from ops.reference import ms_deform_attn_reference
 
 F64_TOL = 1e-12  # float64 CPU path vs float64 reference: both are exact up to rounding
@@ -81,9 +82,19 @@ CASES = {
 }
 
 
+@pytest.fixture(params=["dense", "sparse"])
+def backward_method(request, monkeypatch):
+    """Runs a test with the CPU backward's "auto" choosing each method (dense for these small maps
+    unless the size limit is set to 0)."""
+    if request.param == "sparse":
+        monkeypatch.setattr(ops_cpu, "DENSE_MAX_ELEMENTS", 0)
+    return request.param
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_cpu_matches_reference_float64(case):
+def test_cpu_matches_reference_float64(case, backward_method):
     inputs = CASES[case]()
+    assert chosen_method(inputs[0], inputs[3].shape[1]) == backward_method
     out_ref, grads_ref = output_and_grads(ms_deform_attn_reference, *inputs)
     out, grads = output_and_grads(ops.ms_deform_attn, *inputs)
     assert ops.backend() == "cpu-embedding_bag"
@@ -97,17 +108,18 @@ def test_cpu_matches_reference_float64(case):
 
 
 @pytest.mark.parametrize("low,high", [(1.6, 3.0), (-3.0, -0.6), (1e7, 1e9), (-1e12, -1e10)])
-def test_cpu_zero_outside_every_map(low, high):
+def test_cpu_zero_outside_every_map(low, high, backward_method):
     value, shapes, starts, loc, weights = make_inputs([(3, 3), (2, 2)], low=low, high=high)
     out, grads = output_and_grads(ops.ms_deform_attn, value, shapes, starts, loc, weights)
     assert out.abs().max() == 0 and all(g.abs().max() == 0 for g in grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_cpu_non_finite_values_never_sampled_do_not_leak(dtype):
+def test_cpu_non_finite_values_never_sampled_do_not_leak(dtype, backward_method):
     """Off-map corners must contribute exactly nothing: a NaN / Inf at a pixel that no corner on
     the map reads (here every level's first pixel, which the CPU path reuses for clamped off-map
-    corners) leaves the output and all three gradients finite and equal to the reference's."""
+    corners) leaves the output and all three gradients finite and equal to the reference's. The
+    dense backward would spread a non-finite value to every query, so it hands over to sparse."""
     shapes = [(4, 5), (3, 3), (1, 1)]
     value, spatial, starts, loc, weights = make_inputs(shapes, dtype=dtype, lq=7, seed=3, low=-0.3, high=1.3)
     widths = spatial[:, 1].to(torch.float64).view(1, 1, 1, -1, 1)
@@ -116,6 +128,7 @@ def test_cpu_non_finite_values_never_sampled_do_not_leak(dtype):
     loc[..., 0] = torch.where(x < 0.5, torch.full_like(x, -4.0), torch.maximum(x, 1.5 / widths + 1e-3)).to(dtype)
     for start, bad in zip(starts.tolist(), (float("nan"), float("inf"), float("-inf"))):
         value[:, start] = bad
+    assert chosen_method(value, loc.shape[1]) == chosen_method(value, loc.shape[1], "dense") == "sparse"
     out, grads = output_and_grads(ops.ms_deform_attn, value, spatial, starts, loc, weights)
     ref_out, ref_grads = output_and_grads(ms_deform_attn_reference, value.double(), spatial, starts,
                                           loc.double(), weights.double())
@@ -275,15 +288,29 @@ def test_value_check_cache_rechecks_new_or_modified_tensors():
     assert validate.checked_total(other, _starts(other), cache=True) == 16
 
 
-def test_cpu_backward_in_chunks_matches_reference():
+@pytest.mark.parametrize("method,chunk", [("sparse", 64), ("sparse", 1 << 18), ("dense", 0)])
+def test_cpu_backward_methods_match_reference(method, chunk):
+    """Each method asked for explicitly (the sparse one in several chunks and in one)."""
     value, shapes, starts, loc, weights = make_inputs([(5, 3), (1, 1), (2, 4)], n=2, lq=4, m=2, d=5, p=3,
                                                       low=-0.3, high=1.3)
     _, grads_autograd = output_and_grads(ms_deform_attn_reference, value, shapes, starts, loc, weights)
     grad_out = torch.randn(2, 4, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     explicit = ms_deform_attn_cpu_backward(value, shapes, starts, loc, weights, grad_out,
-                                           chunk_elements=64)  # several chunks
+                                           chunk_elements=chunk, method=method)
     for g, g_auto in zip(explicit, grads_autograd):
         torch.testing.assert_close(g, g_auto, rtol=0, atol=F64_TOL)
+
+
+def test_cpu_backward_method_choice():
+    """auto: dense while the (N*M, Lq, S) matrix and S are small, sparse beyond either limit."""
+    value = torch.zeros(2, 100, 4, 8)
+    assert chosen_method(value, 300) == "dense"
+    assert chosen_method(value, ops_cpu.DENSE_MAX_ELEMENTS // (2 * 4 * 100) + 1) == "sparse"
+    assert chosen_method(torch.zeros(1, ops_cpu.DENSE_MAX_SPATIAL + 1, 1, 8), 1) == "sparse"
+    assert chosen_method(value, 300, "sparse") == "sparse"
+    assert chosen_method(torch.zeros(1, 10_000, 8, 8), 10_000, "dense") == "dense"
+    with pytest.raises(ValueError, match="method 'fast' is not one of"):
+        chosen_method(value, 3, "fast")
 
 
 # ---- backend selection ----------------------------------------------------------------------------
