@@ -247,6 +247,8 @@ def build(args: argparse.Namespace, start: Start, accelerator: Any, build_model_
         if accelerator.is_main_process:
             print(f"--pretrained {args.pretrained}:\n{report}", flush=True)
     check_checkpoint_fits(args, start, model)
+    if cfg.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)  # 4-d parameters only; inputs follow the weights
     data = (build_data_fn or partial(build_data, with_train=not args.eval))(cfg)
     if cfg.eval.num_select < cfg.eval.max_dets:
         log.warning("eval.num_select=%d < eval.max_dets=%d: at most %d detections per image exist, "

@@ -78,6 +78,7 @@ def config() -> Config:
     # torch's default threads (2 on the demo machine, 1.34x faster than 1 when it is quiet); on a
     # machine shared with other jobs `runtime.num_threads=1` can be several times faster.
     r.num_threads = 0
+    r.channels_last = True  # oneDNN's convolutions: about 4% off a demo step (docs/demo.md)
     r.log_interval = 10
     r.checkpoint_interval = 0
     return cfg

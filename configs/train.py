@@ -135,6 +135,10 @@ class RuntimeConfig:
     # true turns both on (PyTorch 1.7-1.11, e.g. the official DINO's 1.9, had both on), false off.
     # fp32 matrix products are about half of a DINO-5scale training step's GPU time without it.
     tf32: bool | None = None
+    # Keep convolution weights, and so the backbone's activations, in channels-last memory format
+    # (NHWC): oneDNN's CPU convolutions and GPU tensor cores run faster on it; same arithmetic up
+    # to float rounding. Off by default, as in the official code; the CPU demo turns it on.
+    channels_last: bool = False
     # DistributedDataParallel(find_unused_parameters=...): needed when some parameters get no
     # gradient in a step (official default False).
     find_unused_parameters: bool = False

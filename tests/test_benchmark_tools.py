@@ -93,3 +93,16 @@ def test_benchmark_ops_spread_and_round_ratios():
     assert line.startswith("| encoder | float32 | original | 2.100 (2.000-2.200) | 8.000 (8.000-8.000) | "
                            "1.50 (1.40-1.60) | 2.00 (2.00-2.00) | 600 |")
     assert line.count("|") == benchmark_ops.HEADER.splitlines()[0].count("|")
+
+
+def test_benchmark_ops_sparse_impl_matches_ours_on_cpu():
+    """The `ours-sparse` row runs the other backward method of the same op: same values."""
+    inputs = benchmark_ops.make_inputs("decoder", [(6, 5), (3, 3)], 2, 2, 4, 3, torch.float64, "cpu", queries=7)
+    value, spatial, starts, loc, attn, grad = inputs
+    results = []
+    for impl in (benchmark_ops.ours("cpu"), benchmark_ops.ours_sparse):
+        leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
+        out = impl(leaves[0], spatial, starts, leaves[1], leaves[2])
+        results.append([out, *torch.autograd.grad(out, leaves, grad)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)

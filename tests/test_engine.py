@@ -458,6 +458,7 @@ def test_two_processes_score_every_image_once_with_same_metrics(tmp_path: Path) 
 def test_real_demo_model_trains_evaluates_and_resumes(tmp_path: Path) -> None:
     from configs import load_config
     from main import parse_args, run
+    from models import build_model
     from util.checkpoint import load_checkpoint
 
     def cfg(max_steps: int):  # noqa: ANN202
@@ -466,7 +467,16 @@ def test_real_demo_model_trains_evaluates_and_resumes(tmp_path: Path) -> None:
             "data.synthetic_train_images=8", "data.synthetic_val_images=3", "data.synthetic_image_size=[96,96]",
             "data.synthetic_max_objects=8", "eval.num_draw_images=1"])
 
-    first = run(parse_args([]), cfg(2))  # one epoch of 2 steps (8 images, batch 4)
+    built = {}
+
+    def recording_build_model(c):  # noqa: ANN001, ANN202
+        parts = build_model(c)
+        built["model"] = parts[0]
+        return parts
+
+    first = run(parse_args([]), cfg(2), build_model_fn=recording_build_model)  # one epoch of 2 steps (8 images, batch 4)
+    conv = next(p for p in built["model"].parameters() if p.dim() == 4 and p.shape[-1] > 1)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()  # runtime.channels_last
     records = _log(tmp_path)
     assert [r["step"] for r in records] == [1, 2]
     assert all(isinstance(r["loss"], float) and r["loss"] > 0 for r in records)
@@ -511,6 +521,33 @@ def test_real_demo_model_fits_two_images(tmp_path: Path) -> None:
     assert result["metrics"]["num_images"] == 2
     assert result["metrics"]["AP50"] >= FIT_MIN_AP50, result["metrics"]
 
+
+
+def test_channels_last_changes_memory_layout_not_results() -> None:
+    """runtime.channels_last: the demo's UGS-DINO gives the same outputs and gradients (float64,
+    so only the summation order differs) with its weights in NHWC as in NCHW."""
+    from configs import load_config
+    from models import build_model
+
+    cfg = load_config("demo_synthetic", ["model.num_queries=20", "model.dn_number=0"])
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)[0].double().eval()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        out = model(images, masks)
+        loss = out["pred_logits"].sum() + out["pred_boxes"].sum()
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        results.append((out["pred_logits"], out["pred_boxes"], grads))
+    (logits0, boxes0, grads0), (logits1, boxes1, grads1) = results
+    torch.testing.assert_close(logits1, logits0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(boxes1, boxes0, rtol=1e-9, atol=1e-9)
+    for g0, g1 in zip(grads0, grads1):
+        if g0 is not None:
+            torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9)
 
 
 def test_tf32_switch_sets_both_flags_and_none_keeps_pytorchs(caplog) -> None:

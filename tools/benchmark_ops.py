@@ -2,6 +2,8 @@
 
     python tools/benchmark_ops.py                       # CUDA: encoder + decoder, float32 + bfloat16
     python tools/benchmark_ops.py --device cpu          # CPU decoder shape: ours (CPU path) vs plain PyTorch
+    python tools/benchmark_ops.py --device cpu --shapes encoder,decoder --levels 14x14,7x7,4x4,2x2 \
+        --batch 4 --heads 4 --queries 150                # the CPU demo's shapes
     python tools/benchmark_ops.py --msda-original DIR --deformops-wheel WHEEL --markdown OUT.md
 
 Every implementation is timed --repeats times (each a median over --iters calls), round-robin so
@@ -10,6 +12,8 @@ and each time's ratio to ours from the same round (> 1: ours is faster).
 
 Implementations (absent ones are skipped with a note):
   ours               ops.ms_deform_attn (CUDA kernels of ops/csrc, or the CPU path with --device cpu)
+  ours-sparse        CPU only: ours with the backward's sparse method forced (ops/cpu.py picks the
+                     dense one for small maps on its own)
   pytorch            ops.ms_deform_attn_reference (plain PyTorch, grid_sample per level)
   original           the Deformable-DETR CUDA op (--msda-original DIR or $MSDA_ORIGINAL_DIR; float32 only)
   deformops-triton   deformops (--deformops-wheel WHEEL or $DEFORMOPS_WHEEL, or already importable)
@@ -99,6 +103,28 @@ def ours(device: str) -> Impl:
         ops.set_backend(backend)
         return ops.ms_deform_attn(value, spatial, starts, loc, attn)
     return run
+
+
+def ours_sparse(value, spatial, starts, loc, attn):
+    """The CPU path with the backward's sparse method forced."""
+    return _SparseBackward.apply(value, spatial, starts, loc, attn)
+
+
+class _SparseBackward(torch.autograd.Function):
+    """ops' CPU forward with the sparse backward (ops.ms_deform_attn's backward picks the method itself)."""
+
+    @staticmethod
+    def forward(ctx, value, spatial, starts, loc, attn):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(value, spatial, starts, loc, attn)
+        from ops.cpu import ms_deform_attn_cpu
+        return ms_deform_attn_cpu(value, spatial, starts, loc, attn)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        from ops.cpu import ms_deform_attn_cpu_backward
+        value, spatial, starts, loc, attn = ctx.saved_tensors
+        gv, gl, ga = ms_deform_attn_cpu_backward(value, spatial, starts, loc, attn, grad, method="sparse")
+        return gv, None, None, gl, ga
 
 
 def plain_pytorch(value, spatial, starts, loc, attn):
@@ -265,7 +291,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--shapes", default=None, help="encoder,decoder (CUDA default) / decoder (CPU default)")
-    p.add_argument("--impls", default="ours,pytorch,original,deformops-triton,deformops-cuda")
+    p.add_argument("--impls", default="ours,ours-sparse,pytorch,original,deformops-triton,deformops-cuda")
+    p.add_argument("--levels", default=None,
+                   help="HxW,HxW,... value maps (default: DINO-5scale at 1333x800 on CUDA, CPU_LEVELS on CPU)")
+    p.add_argument("--batch", type=int, default=None, help="default 2 on CUDA, 1 on CPU")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--queries", type=int, default=None, help="decoder queries (default 1100 on CUDA, 900 on CPU)")
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=3, help="rounds over all implementations (spread of each ratio)")
@@ -290,6 +321,8 @@ def main(argv: list[str] | None = None) -> int:
     impls: dict[str, Impl] = {}
     if "ours" in wanted:
         impls["ours"] = ours(device)
+    if device == "cpu" and "ours-sparse" in wanted:
+        impls["ours-sparse"] = ours_sparse
     if "pytorch" in wanted:
         impls["pytorch"] = plain_pytorch
     if device == "cuda" and "original" in wanted:
@@ -338,10 +371,12 @@ def main(argv: list[str] | None = None) -> int:
 
     for s_name in shapes:
         levels = ENCODER_LEVELS if device == "cuda" else CPU_LEVELS
-        batch = 2 if device == "cuda" else 1
-        queries = None if s_name == "encoder" else (1100 if device == "cuda" else 900)
+        if args.levels:
+            levels = [tuple(int(v) for v in hw.split("x")) for hw in args.levels.split(",")]
+        batch = args.batch or (2 if device == "cuda" else 1)
+        queries = None if s_name == "encoder" else (args.queries or (1100 if device == "cuda" else 900))
         for dtype in dtypes:
-            inputs = make_inputs(s_name, levels, batch, 8, 32, 4, dtype, device, queries=queries)
+            inputs = make_inputs(s_name, levels, batch, args.heads, 32, 4, dtype, device, queries=queries)
             print(f"== {s_name}: value {tuple(inputs[0].shape)}, locations {tuple(inputs[3].shape)}, {dtype}",
                   flush=True)
             found = {k: dict(shape=s_name, dtype=str(dtype).replace("torch.", ""), impl=k, fwd=[], both=[],
