@@ -4,10 +4,11 @@ The backward has two methods with the same geometry and the same results (to flo
 - "sparse" (any size): the embedding_bag formulation below, transposed;
 - "dense" (small maps, finite values): the sampling weights are scattered into a dense matrix A of
   (N*M, Lq, S) and the gradients become batched matrix products (A^T @ dOut for value, dOut @ V^T
-  read at the corners for the sampling weights). At the CPU demo's shapes (S = 265) that is about
-  twice as fast: a GEMM over a 265-wide row beats gathering 64 scattered rows per query. At full
-  DINO resolution the matrix would not fit, so "auto" picks it only up to DENSE_MAX_ELEMENTS. The
-  forward is always sparse (one embedding_bag is cheaper than building A).
+  read at the corners for the sampling weights). At the CPU demo's shapes (S = 265) that is
+  1.4-1.6x faster: a GEMM over a 265-wide row beats gathering 64 scattered rows per query. Its
+  work grows with S (sparse's does not), and at full DINO resolution A would not fit, so "auto"
+  picks it only for small maps (DENSE_MAX_SPATIAL, DENSE_MAX_ELEMENTS). The forward is always
+  sparse (one embedding_bag is cheaper than building A).
 
 The plain path (ops/reference.py) loops over levels, copies every value map into grid_sample's
 (N*M, D, H, W) layout, materialises all sampled vectors and then reduces them. Here each of the 4
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 from ops.validate import compute_dtype
 
 # "auto" uses the dense method when the (N*M, Lq, S) sampling matrix has at most this many elements
-# and S is at most DENSE_MAX_SPATIAL (docs/benchmarks.md, "CPU methods", has the crossover).
+# and S is at most DENSE_MAX_SPATIAL (docs/benchmarks.md, "MSDA on the CPU", has the crossover).
 DENSE_MAX_ELEMENTS = 1 << 23
 DENSE_MAX_SPATIAL = 600
 METHODS = ("auto", "dense", "sparse")
