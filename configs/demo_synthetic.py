@@ -1,6 +1,6 @@
 """The CPU demo (`accelerate launch main.py` with no arguments): a small UGS-DINO trained from
 scratch on the embedded synthetic dataset, then evaluated, on a fixed schedule of 1200 steps
-estimated at 4-5 minutes on a quiet 2-core CPU (docs/demo.md has the measured figures).
+taking about 5 minutes on a quiet 2-core CPU (docs/demo.md has the measured figures).
 
 A diff of `dino_tiny`: 112 x 112 scenes with 5-25 objects and no resize augmentation (a step's
 cost is set by the image size), timm's ResNet-10-T, d=128, 4 feature levels from stride 8, 2
@@ -78,7 +78,7 @@ def config() -> Config:
     # torch's default threads (2 on the demo machine, 1.34x faster than 1 when it is quiet); on a
     # machine shared with other jobs `runtime.num_threads=1` can be several times faster.
     r.num_threads = 0
-    r.channels_last = True  # oneDNN's convolutions: about 4% off a demo step (docs/demo.md)
+    r.channels_last = True  # NHWC convolution weights: oneDNN's CPU convolutions run faster on them
     r.log_interval = 10
     r.checkpoint_interval = 0
     return cfg
