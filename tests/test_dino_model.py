@@ -315,3 +315,27 @@ def test_official_nms_option_reaches_the_post_processor_and_suppresses_duplicate
     assert type(ugs_post).__name__ == "UGSPostProcess" and ugs_post.nms_iou_threshold == 0.5
     with pytest.raises(ConfigError, match="eval.nms_iou_threshold"):
         load_config("dino_tiny", ["eval.nms_iou_threshold=1.5"])
+
+
+def test_channels_last_changes_memory_layout_not_results() -> None:
+    """runtime.channels_last: the demo's UGS-DINO gives the same outputs and gradients (float64,
+    so only the summation order differs) with its weights in NHWC as in NCHW."""
+    cfg = load_config("demo_synthetic", ["model.num_queries=20", "model.dn_number=0"])
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    masks = torch.zeros(2, 64, 64, dtype=torch.bool)
+    results = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)[0].double().eval()
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        out = model(images, masks)
+        loss = out["pred_logits"].sum() + out["pred_boxes"].sum()
+        grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+        results.append((out["pred_logits"], out["pred_boxes"], grads))
+    (logits0, boxes0, grads0), (logits1, boxes1, grads1) = results
+    torch.testing.assert_close(logits1, logits0, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(boxes1, boxes0, rtol=1e-9, atol=1e-9)
+    for g0, g1 in zip(grads0, grads1):
+        if g0 is not None:
+            torch.testing.assert_close(g1, g0, rtol=1e-7, atol=1e-9)
