@@ -63,12 +63,25 @@ def geometric_mean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in vals) / len(vals)) if vals and len(vals) == len(values) else float("nan")
 
 
-def _paired_stat(a: list[float], b: list[float], kind: str) -> float:
+def _paired_stat(a, b, kind: str) -> float:
     """comparator/UGS ratio of `kind` ("variance" or "cv") over the iterations where both are finite."""
-    pairs = [(x, y) for x, y in zip(a, b) if math.isfinite(x) and math.isfinite(y)]
-    sa = series_stats([x for x, _ in pairs])
-    sb = series_stats([y for _, y in pairs])
-    return safe_ratio(sa[kind], sb[kind])
+    import numpy as np
+
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    both = np.isfinite(a) & np.isfinite(b)
+    return safe_ratio(_moment(a[both], kind), _moment(b[both], kind))
+
+
+def _moment(v, kind: str) -> float:
+    """series_stats' variance or CV (numpy: the bootstrap calls this thousands of times)."""
+    if v.size < 2:
+        return float("nan")
+    mean, var = float(v.mean()), float(v.var(ddof=1))
+    if kind == "variance":
+        return var
+    if kind == "cv":
+        return math.sqrt(var) / mean if mean > 0 else float("nan")
+    raise ValueError(f"kind must be 'variance' or 'cv', got {kind!r}")
 
 
 def block_bootstrap_ratio(per_seed: list[tuple[list[float], list[float]]], kind: str, block: int = 10,
@@ -81,17 +94,18 @@ def block_bootstrap_ratio(per_seed: list[tuple[list[float], list[float]]], kind:
     point = geometric_mean([_paired_stat(a, b, kind) for a, b in per_seed])
     if len(per_seed) < 2 or not math.isfinite(point):
         return point, float("nan"), float("nan")
+    series = [(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)) for a, b in per_seed]
     rng = np.random.default_rng(seed)
     draws = []
     for _ in range(reps):
         ratios = []
-        for s in rng.integers(0, len(per_seed), len(per_seed)):
-            a, b = per_seed[s]
+        for s in rng.integers(0, len(series), len(series)):
+            a, b = series[s]
             n = len(a)
             size = min(block, n)
             starts = rng.integers(0, n - size + 1, -(-n // size))
-            idx = np.concatenate([np.arange(st, st + size) for st in starts])[:n]
-            ratios.append(_paired_stat([a[i] for i in idx], [b[i] for i in idx], kind))
+            idx = (starts[:, None] + np.arange(size)).reshape(-1)[:n]
+            ratios.append(_paired_stat(a[idx], b[idx], kind))
         g = geometric_mean(ratios)
         if math.isfinite(g):
             draws.append(g)
