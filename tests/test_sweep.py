@@ -65,6 +65,9 @@ def test_a_valid_spec_plans_every_variant_and_seed(tmp_path):
     (lambda t: t.replace('processes = 1', 'processes = 3'), 7, "exceeds the 2 CPU cores"),
     (lambda t: t + '\n[variants.ft]\nstart_from = "pretrain"\n', 17, "stage 'pretrain', which is not defined"),
     (lambda t: t.replace('seeds = [0, 1]', 'seeds = [0, 0]'), 5, "distinct integers"),
+    (lambda t: t + 'baseline = "dino_x10"\n', 15, "baseline 'dino_x10' must be another variant"),
+    (lambda t: t.replace('["ugs.ablation=l1"]', '["ugs.ablation=l1"]\nbaseline = "ugs"'), 12,
+     "is the spec's baseline and cannot have one"),
 ])
 def test_a_bad_spec_fails_before_running_and_names_the_line(tmp_path, edit, line, message):
     path = _spec(tmp_path, edit(GOOD))
@@ -102,6 +105,11 @@ def test_shipped_specs_parse_and_every_variant_loads(name):
     assert full.optim.lr_box_head_last_mult == 1.0
     x10 = load_config(spec.base, spec.overrides + spec.variants["ugs_full_head_x10"]["overrides"])
     assert x10.optim.lr_box_head_last_mult == 10.0
+    # UGS at 10x is compared with L1 at 10x, so a gain of the optimiser trick is never UGS's
+    assert spec.variants["ugs_full_head_x10"]["baseline"] == "dino_l1_head_x10"
+    assert spec.variants["ugs_full"]["baseline"] == "dino_l1"
+    sweep.select(spec, "ugs_full_head_x10", None)
+    assert set(spec.variants) == {"dino_l1", "dino_l1_head_x10", "ugs_full_head_x10"}
     if name == "finetune":
         assert spec.stages and all(v["start_from"] == "pretrain" for v in spec.variants.values())
         stage = load_config(spec.base, spec.overrides + spec.stages["pretrain"]["overrides"])
@@ -136,6 +144,19 @@ def test_paired_t_interval_and_summary_against_scipy():
     assert doc["variants"]["dino"]["AP"]["std"] == pytest.approx(base.std(ddof=1), rel=1e-12)
     assert doc["variants"]["dino"]["wall_s"]["mean"] == pytest.approx(12.0)
     assert doc["variants"]["ugs"]["AP_smallest"]["mean"] == pytest.approx(ugs.mean())
+
+    # a variant with its own baseline (listed after it): deltas against that one
+    for s in range(5):
+        runs[("ugs_x10", s)] = {"final": {"AP": ugs[s] + 0.02, "APs": ugs[s] + 0.02}, "wall_s": 1.0, "steps_per_s": 1.0}
+        runs[("dino_x10", s)] = {"final": {"AP": base[s] + 0.05, "APs": base[s] + 0.05}, "wall_s": 1.0, "steps_per_s": 1.0}
+    doc = sweep_stats.summarize(runs, ["dino", "ugs", "ugs_x10", "dino_x10"], list(range(5)), "dino",
+                                {"ugs_x10": "dino_x10"})
+    x10 = doc["variants"]["ugs_x10"]
+    assert x10["baseline"] == "dino_x10" and doc["variants"]["dino_x10"]["baseline"] == "dino"
+    assert x10["delta_vs_baseline"]["APs"]["mean"] == pytest.approx(float(np.mean(ugs - base)) - 0.03, rel=1e-10)
+    assert x10["small_object_verdict"] == "not reproduced"
+    text = sweep_stats.results_markdown(doc, "t", "cmd")
+    assert "| ugs_x10 | dino_x10 | " in text and "| ugs | dino | " in text
 
 
 def test_verdict_rule_and_smallest_bucket():

@@ -45,7 +45,7 @@ from util.logging import write_json_atomic  # noqa: E402
 DONE_FILE = "sweep_run.json"
 TOP_KEYS = {"name", "base", "overrides", "steps", "seeds", "baseline", "processes", "threads",
             "checkpoint_every", "out", "start_from", "stages", "variants", "description"}
-VARIANT_KEYS = {"overrides", "start_from", "description"}
+VARIANT_KEYS = {"overrides", "start_from", "description", "baseline"}
 STAGE_KEYS = {"overrides", "steps", "seed", "description"}
 
 
@@ -195,12 +195,22 @@ def load_spec(path: str | Path, cores: int | None = None, extra_overrides: list[
                        f"variant '{name}' starts from stage '{start}', which is not defined "
                        f"(stages: {sorted(spec.stages)})")
         spec.variants[name] = {"overrides": list(_typed(path, text, table.get("overrides", []), list,
-                                                        "overrides", where)), "start_from": start}
+                                                        "overrides", where)), "start_from": start,
+                               "baseline": _typed(path, text, table.get("baseline", spec.baseline), str,
+                                                  "baseline", where)}
         if "/" in name or not re.fullmatch(r"[\w.-]+", name):
             raise _err(path, _line_of(text, where), f"variant name '{name}' must be letters, digits, _ . -")
     if spec.baseline not in spec.variants:
         raise _err(path, _line_of(text, None, "baseline"), f"baseline '{spec.baseline}' is not one of the "
                    f"variants {sorted(spec.variants)}")
+    for name, entry in spec.variants.items():  # a variant's own baseline: compare like with like
+        ref = entry["baseline"]
+        if name == spec.baseline and ref != name:
+            raise _err(path, _line_of(text, f"variants.{name}", "baseline"), f"variant '{name}' is the spec's "
+                       f"baseline and cannot have one ('{ref}')")
+        if name != spec.baseline and (ref not in spec.variants or ref == name):
+            raise _err(path, _line_of(text, f"variants.{name}", "baseline"), f"variant '{name}': baseline "
+                       f"'{ref}' must be another variant of this spec {sorted(set(spec.variants) - {name})}")
     _validate_configs(spec, text)
     return spec
 
@@ -235,13 +245,15 @@ def _runtime_overrides(spec: Spec, out_dir: Path, seed: int, steps: int) -> list
 
 
 def select(spec: Spec, variants: str | None, seeds: str | None) -> None:
-    """Keep a subset of the variants (plus the baseline) and of the seeds, in place."""
+    """Keep a subset of the variants (plus the baselines they are compared with) and of the seeds,
+    in place."""
     if variants:
         wanted = [v.strip() for v in variants.split(",") if v.strip()]
         unknown = [v for v in wanted if v not in spec.variants]
         if unknown:
             raise SpecError(f"--variants: {unknown} not in the spec's variants {sorted(spec.variants)}")
-        spec.variants = {k: v for k, v in spec.variants.items() if k in wanted or k == spec.baseline}
+        keep = set(wanted) | {spec.baseline} | {spec.variants[v]["baseline"] for v in wanted}
+        spec.variants = {k: v for k, v in spec.variants.items() if k in keep}
         used = {v["start_from"] for v in spec.variants.values()}
         spec.stages = {k: v for k, v in spec.stages.items() if k in used}
     if seeds:
@@ -451,7 +463,8 @@ def collect(spec: Spec) -> dict[tuple[str, int], dict]:
 
 def aggregate(spec: Spec, argv_text: str) -> Path:
     runs = collect(spec)
-    doc = sweep_stats.summarize(runs, list(spec.variants), spec.seeds, spec.baseline)
+    doc = sweep_stats.summarize(runs, list(spec.variants), spec.seeds, spec.baseline,
+                                {k: v["baseline"] for k, v in spec.variants.items()})
     doc.update({"spec": str(spec.path.relative_to(ROOT) if spec.path.is_relative_to(ROOT) else spec.path),
                 "base": spec.base, "steps": spec.steps, "overrides": spec.overrides,
                 "variant_overrides": {k: v["overrides"] for k, v in spec.variants.items()},

@@ -73,9 +73,11 @@ def _num(value: Any) -> float:
 
 
 def summarize(runs: dict[tuple[str, int], dict], variants: Sequence[str], seeds: Sequence[int],
-              baseline: str) -> dict:
+              baseline: str, baselines: dict[str, str] | None = None) -> dict:
     """runs[(variant, seed)] = {"final": metrics dict, "curve": [...], "wall_s", "steps_per_s",
-    "steps"} (missing = not finished) -> the results.json document."""
+    "steps"} (missing = not finished) -> the results.json document. `baselines[v]` names the
+    variant v's deltas are taken against (default: `baseline`), e.g. the baseline at the same
+    optimiser setting."""
     out: dict[str, Any] = {"baseline": baseline, "seeds": list(seeds), "variants": {},
                            "interval": "paired t, 95%, n-1 degrees of freedom, over seeds"}
     for v in variants:
@@ -91,18 +93,21 @@ def summarize(runs: dict[tuple[str, int], dict], variants: Sequence[str], seeds:
         for key in METRICS + ("wall_s", "steps_per_s"):
             m, sd = mean_std([entry["per_seed"][str(s)][key] for s in done])
             entry[key] = {"mean": m, "std": sd}
-        if v != baseline:
-            entry["delta_vs_baseline"] = {}
-            paired = [s for s in done if (baseline, s) in runs]
-            for key in DELTA_METRICS:
-                deltas = [entry["per_seed"][str(s)][key] - out["variants"][baseline]["per_seed"][str(s)][key]
-                          for s in paired] if baseline in out["variants"] else []
-                mean, low, high = paired_t_interval(deltas) if deltas else (math.nan,) * 3
-                entry["delta_vs_baseline"][key] = {"per_seed": dict(zip(map(str, paired), deltas)),
-                                                   "mean": mean, "ci95": [low, high]}
-            entry["small_object_verdict"] = ap_verdict(
-                list(entry["delta_vs_baseline"]["APs"]["per_seed"].values()))
         out["variants"][v] = entry
+    for v, entry in out["variants"].items():  # second pass: a variant's baseline may come after it
+        ref = (baselines or {}).get(v, baseline)
+        if v == baseline or v == ref:
+            continue
+        entry["baseline"] = ref
+        entry["delta_vs_baseline"] = {}
+        paired = [s for s in entry["seeds_done"] if (ref, s) in runs]
+        for key in DELTA_METRICS:
+            deltas = [entry["per_seed"][str(s)][key] - out["variants"][ref]["per_seed"][str(s)][key]
+                      for s in paired] if ref in out["variants"] else []
+            mean, low, high = paired_t_interval(deltas) if deltas else (math.nan,) * 3
+            entry["delta_vs_baseline"][key] = {"per_seed": dict(zip(map(str, paired), deltas)),
+                                               "mean": mean, "ci95": [low, high]}
+        entry["small_object_verdict"] = ap_verdict(list(entry["delta_vs_baseline"]["APs"]["per_seed"].values()))
     return out
 
 
@@ -123,18 +128,20 @@ def results_markdown(doc: dict, title: str, command: str, notes: Sequence[str] =
         cells = [f"{_fmt(e[k]['mean'])} +- {_fmt(e[k]['std'])}" for k in METRICS]
         lines.append(f"| {v}{' (baseline)' if v == base else ''} | {len(e['seeds_done'])} | " + " | ".join(cells)
                      + f" | {_fmt(e['wall_s']['mean'], 0)} | {_fmt(e['steps_per_s']['mean'], 2)} |")
-    lines += ["", f"Paired per-seed deltas vs `{base}` (mean [95% interval, {doc['interval']}]); "
-              "small-object verdict by the fixed rule (APs delta >= +0.010 and > 0 in every seed: "
-              "reproduced; mean <= 0: not reproduced; otherwise inconclusive):", "",
-              "| variant | dAP | dAP50 | dAPs | dAP_smallest | dAR | APs deltas per seed | verdict |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", f"Paired per-seed deltas vs each variant's baseline (`{base}` unless the spec names "
+              f"another; mean [95% interval, {doc['interval']}]); small-object verdict by the fixed rule "
+              "(APs delta >= +0.010 and > 0 in every seed: reproduced; mean <= 0: not reproduced; "
+              "otherwise inconclusive):", "",
+              "| variant | vs | dAP | dAP50 | dAPs | dAP_smallest | dAR | APs deltas per seed | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for v, e in doc["variants"].items():
-        if v == base:
+        if "delta_vs_baseline" not in e:
             continue
         d = e["delta_vs_baseline"]
         cells = [f"{_fmt(d[k]['mean'])} [{_fmt(d[k]['ci95'][0])}, {_fmt(d[k]['ci95'][1])}]" for k in DELTA_METRICS]
         per_seed = ", ".join(f"{_fmt(x)}" for x in d["APs"]["per_seed"].values())
-        lines.append(f"| {v} | " + " | ".join(cells) + f" | {per_seed} | {e['small_object_verdict']} |")
+        lines.append(f"| {v} | {e['baseline']} | " + " | ".join(cells)
+                     + f" | {per_seed} | {e['small_object_verdict']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -169,7 +176,7 @@ def plot_deltas(doc: dict, path: Path, metrics: Sequence[str] = ("AP", "APs", "A
     """Bar chart of the mean paired deltas vs the baseline with their 95% intervals."""
     from util.plots import plt, save_figure  # matplotlib on the Agg backend, loaded only to plot
 
-    names = [v for v in doc["variants"] if v != doc["baseline"]]
+    names = [v for v, e in doc["variants"].items() if "delta_vs_baseline" in e]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(names) + 2), 4.5))
     width = 0.8 / len(metrics)
     for j, key in enumerate(metrics):
@@ -180,8 +187,10 @@ def plot_deltas(doc: dict, path: Path, metrics: Sequence[str] = ("AP", "APs", "A
         xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))]
         ax.bar(xs, [m if math.isfinite(m) else 0 for m in means], width, yerr=err, capsize=3, label=f"d{key}")
     ax.axhline(0, color="black", lw=0.8)
-    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"delta vs {doc['baseline']}")
+    labels = [v if doc["variants"][v]["baseline"] == doc["baseline"] else f"{v}\n(vs {doc['variants'][v]['baseline']})"
+              for v in names]
+    ax.set_xticks(range(len(names)), labels, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"delta vs the variant's baseline ({doc['baseline']} unless named)")
     ax.set_title("paired per-seed deltas (mean, 95% paired-t interval)")
     ax.legend(fontsize=8)
     fig.tight_layout()
