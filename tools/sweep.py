@@ -4,7 +4,9 @@ The spec (TOML, configs/sweeps/*.toml) names a base config, overrides shared by 
 budget in optimizer steps, the seeds, the baseline variant and the variants (each a list of
 `--opt` overrides). A `[stages.NAME]` table trains once (one seed) a checkpoint that variants with
 `start_from = "NAME"` load through `main.py --pretrained`, the import path users use for official
-checkpoints (its report, e.g. UGS's fresh bin layers, is in the run's stdout.log).
+checkpoints (its report, e.g. UGS's fresh bin layers, is in the run's stdout.log). A variant's own
+`baseline = "NAME"` takes its paired deltas against that variant instead of the spec's baseline
+(UGS at head multiplier 10 against L1 at 10).
 
 Each (variant, seed) is a `main.py` process, `processes` at a time with `threads` torch threads each
 (processes x threads <= CPU cores; with `--gpus 0,1` runs are spread over those GPUs, several per
