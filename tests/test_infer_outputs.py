@@ -65,6 +65,22 @@ def test_infer_clips_boxes_and_writes_uncertainty(tmp_path, ugs_checkpoint, monk
     assert (out / "scene_det.png").stat().st_size > 5_000
 
 
+@pytest.mark.parametrize("merge", ["nms", "wbf"])
+def test_sliced_inference_keeps_per_box_uncertainty(tmp_path, ugs_checkpoint, merge):
+    import tools.infer as infer
+
+    image = _image(tmp_path / "scene.png")
+    out = tmp_path / "out"
+    assert infer.main([str(image), "--checkpoint", str(ugs_checkpoint), "--out", str(out), "--device", "cpu",
+                       "--slice", "96", "--overlap", "0.25", "--merge", merge, "--opt", "eval.max_dets=40",
+                       "--no-draw"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert 0 < len(records) <= 40
+    for r in records:
+        assert len(r["uncertainty"]["std_xyxy_px"]) == 4 and all(v >= 0 for v in r["uncertainty"]["std_xyxy_px"])
+        assert math.isfinite(r["uncertainty"]["entropy"])
+
+
 def test_clip_to_image_keeps_other_fields():
     from tools.infer import clip_to_image
 

@@ -73,3 +73,19 @@ def test_merges_keep_separate_objects_and_handle_empty() -> None:
     out = merge_tile_detections([{"boxes": boxes, "scores": scores, "labels": labels}] * 2,
                                 [(0, 0, 64, 64), (0, 32, 64, 96)], max_dets=3)
     assert len(out["boxes"]) == 3
+
+
+@pytest.mark.parametrize("method", ["nms", "wbf"])
+def test_per_box_uncertainty_comes_from_the_merged_boxs_source(method: str) -> None:
+    """UGS's std_xyxy_px and entropy survive merging: the duplicate seen by both tiles carries the
+    values of its higher-scoring view (score 0.9, left tile), every other box its own."""
+    per_tile, tiles = _two_tile_duplicate()
+    per_tile[0].update(std_xyxy_px=torch.tensor([[1.0, 1, 1, 1], [2.0, 2, 2, 2], [3.0, 3, 3, 3]]),
+                       entropy=torch.tensor([0.1, 0.2, 0.3]))
+    per_tile[1].update(std_xyxy_px=torch.tensor([[9.0, 9, 9, 9]]), entropy=torch.tensor([0.9]))
+    out = merge_tile_detections(per_tile, tiles, method=method, iou_threshold=0.5, max_dets=2)
+    assert out["scores"].tolist() == pytest.approx([0.9, 0.7])  # capped: the 0.4 box dropped
+    assert out["std_xyxy_px"].tolist() == [[1.0] * 4, [3.0] * 4]
+    assert out["entropy"].tolist() == pytest.approx([0.1, 0.3])
+    # without them (an L1 model) only boxes, scores and labels come out
+    assert set(merge_tile_detections(_two_tile_duplicate()[0], tiles, method=method)) == {"boxes", "scores", "labels"}

@@ -9,8 +9,8 @@ images stay several pixels wide -- and merges the tiles' detections class-wise (
 box fusion, util/tiling.py). Writes OUT/results.json (COCO results; image ids are the positions
 of the images on the command line, 1-based, listed in OUT/images.json) and OUT/<name>_det.png.
 Boxes are clipped to the image. With a UGS model each record also carries the box's
-`uncertainty: {std_xyxy_px: [4], entropy}`, as evaluation results do (whole-image mode; tile
-merging keeps boxes, scores and labels only).
+`uncertainty: {std_xyxy_px: [4], entropy}`, as evaluation results do (with `--slice`, that of
+the detection NMS kept or of the highest-scoring member of a WBF cluster).
 """
 from __future__ import annotations
 
@@ -176,9 +176,6 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    if args.slice and cfg.ugs.enabled:
-        print("note: --slice merges the tiles' boxes, scores and labels only; results.json carries no "
-              "per-box uncertainty (whole-image mode does)")
     records, image_list = [], []
     for image_id, path in enumerate(args.images, start=1):
         image = read_image(path)

@@ -44,21 +44,23 @@ def shift_boxes(boxes_xyxy: torch.Tensor, tile: tuple[int, int, int, int]) -> to
 
 
 def merge_nms(boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-              iou_threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              iou_threshold: float = 0.5, return_source: bool = False) -> tuple[torch.Tensor, ...]:
     """Class-wise NMS: of detections of one class overlapping by IoU > threshold, keep the
-    highest-scoring. Returns (boxes (K', 4), scores (K',), labels (K',)) sorted by score."""
+    highest-scoring. Returns (boxes (K', 4), scores (K',), labels (K',)) sorted by score, and with
+    `return_source` the index of each kept detection in the input."""
     keep = batched_nms(boxes_xyxy.float(), scores.float(), labels, iou_threshold)
-    return boxes_xyxy[keep], scores[keep], labels[keep]
+    return (boxes_xyxy[keep], scores[keep], labels[keep]) + ((keep,) if return_source else ())
 
 
 def merge_wbf(boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor,
-              iou_threshold: float = 0.55) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+              iou_threshold: float = 0.55, return_source: bool = False) -> tuple[torch.Tensor, ...]:
     """Weighted box fusion, class-wise: detections are visited by decreasing score and join the
     first cluster whose fused box they overlap by IoU > threshold; a cluster's box is the
     score-weighted mean of its members, its score the members' maximum (tiles are views of one
     image, not independent models, so agreement does not lower or raise confidence).
-    Returns (boxes (K', 4), scores (K',), labels (K',)) sorted by score."""
-    out_boxes, out_scores, out_labels = [], [], []
+    Returns (boxes (K', 4), scores (K',), labels (K',)) sorted by score, and with `return_source`
+    the index of each cluster's highest-scoring member in the input."""
+    out_boxes, out_scores, out_labels, out_source = [], [], [], []
     for c in labels.unique():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.argsort(scores[idx], descending=True)]
@@ -66,6 +68,7 @@ def merge_wbf(boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
         weighted: list[torch.Tensor] = []  # sum of score * box
         weight: list[torch.Tensor] = []  # sum of scores
         best: list[torch.Tensor] = []
+        source: list[int] = []  # the first (highest-scoring) member of each cluster
         for i in idx.tolist():
             box, s = boxes_xyxy[i].double(), scores[i].double()
             j = -1
@@ -79,6 +82,7 @@ def merge_wbf(boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
                 weighted.append(box * s)
                 weight.append(s.clone())
                 best.append(s.clone())
+                source.append(i)
             else:
                 weighted[j] = weighted[j] + box * s
                 weight[j] = weight[j] + s
@@ -88,20 +92,24 @@ def merge_wbf(boxes_xyxy: torch.Tensor, scores: torch.Tensor, labels: torch.Tens
             out_boxes.append(torch.stack(fused))
             out_scores.append(torch.stack(best))
             out_labels.append(torch.full((len(fused),), int(c), dtype=labels.dtype))
+            out_source.append(torch.tensor(source, dtype=torch.long))
+    empty_source = (torch.zeros(0, dtype=torch.long),) if return_source else ()
     if not out_boxes:
-        return boxes_xyxy[:0], scores[:0], labels[:0]
+        return (boxes_xyxy[:0], scores[:0], labels[:0]) + empty_source
     boxes = torch.cat(out_boxes).to(boxes_xyxy.dtype)
     s = torch.cat(out_scores).to(scores.dtype)
     lab = torch.cat(out_labels)
     order = torch.argsort(s, descending=True)
-    return boxes[order], s[order], lab[order]
+    return (boxes[order], s[order], lab[order]) + ((torch.cat(out_source)[order],) if return_source else ())
 
 
 def merge_tile_detections(per_tile: list[dict[str, torch.Tensor]], tiles: list[tuple[int, int, int, int]],
                           method: str = "nms", iou_threshold: float = 0.5,
                           max_dets: int | None = None) -> dict[str, torch.Tensor]:
     """Tile detections `{boxes (K, 4) xyxy tile pixels, scores, labels}` -> one set for the image,
-    capped at the `max_dets` best scores."""
+    capped at the `max_dets` best scores. Other per-box tensors every tile has (UGS's
+    `std_xyxy_px` (K, 4) and `entropy` (K,); a shift does not change them) are carried from each
+    merged box's source: the detection NMS kept, or the highest-scoring member of a WBF cluster."""
     if len(per_tile) != len(tiles):
         raise ValueError(f"got detections for {len(per_tile)} tiles but {len(tiles)} tiles")
     if method not in ("nms", "wbf"):
@@ -109,8 +117,12 @@ def merge_tile_detections(per_tile: list[dict[str, torch.Tensor]], tiles: list[t
     boxes = torch.cat([shift_boxes(d["boxes"], t) for d, t in zip(per_tile, tiles)])
     scores = torch.cat([d["scores"] for d in per_tile])
     labels = torch.cat([d["labels"] for d in per_tile])
+    extra_keys = [k for k in per_tile[0] if k not in ("boxes", "scores", "labels")
+                  and all(torch.is_tensor(d.get(k)) and len(d[k]) == len(d["scores"]) for d in per_tile)]
+    extras = {k: torch.cat([d[k] for d in per_tile]) for k in extra_keys}
     merge = merge_nms if method == "nms" else merge_wbf
-    boxes, scores, labels = merge(boxes, scores, labels, iou_threshold)
+    boxes, scores, labels, source = merge(boxes, scores, labels, iou_threshold, return_source=True)
+    out = {"boxes": boxes, "scores": scores, "labels": labels, **{k: v[source] for k, v in extras.items()}}
     if max_dets is not None:
-        boxes, scores, labels = boxes[:max_dets], scores[:max_dets], labels[:max_dets]
-    return {"boxes": boxes, "scores": scores, "labels": labels}
+        out = {k: v[:max_dets] for k, v in out.items()}
+    return out
