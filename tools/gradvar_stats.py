@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -65,8 +66,6 @@ def geometric_mean(values: list[float]) -> float:
 
 def _paired_stat(a, b, kind: str) -> float:
     """comparator/UGS ratio of `kind` ("variance" or "cv") over the iterations where both are finite."""
-    import numpy as np
-
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     both = np.isfinite(a) & np.isfinite(b)
     return safe_ratio(_moment(a[both], kind), _moment(b[both], kind))
@@ -89,8 +88,6 @@ def block_bootstrap_ratio(per_seed: list[tuple[list[float], list[float]]], kind:
     """Geometric mean over seeds of the per-seed comparator/UGS ratio of `kind`, and its 95%
     percentile interval: seeds resampled with replacement, each seed's iterations resampled in
     moving blocks of `block` (the same blocks for both runs). NaN interval with < 2 seeds."""
-    import numpy as np
-
     point = geometric_mean([_paired_stat(a, b, kind) for a, b in per_seed])
     if len(per_seed) < 2 or not math.isfinite(point):
         return point, float("nan"), float("nan")
@@ -117,8 +114,6 @@ def block_bootstrap_ratio(per_seed: list[tuple[list[float], list[float]]], kind:
 
 def seed_bootstrap(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
     """Geometric mean of per-seed ratios and its 95% percentile interval over resampled seeds."""
-    import numpy as np
-
     point = geometric_mean(values)
     if len(values) < 2 or not math.isfinite(point):
         return point, float("nan"), float("nan")

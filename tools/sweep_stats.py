@@ -107,7 +107,8 @@ def summarize(runs: dict[tuple[str, int], dict], variants: Sequence[str], seeds:
             mean, low, high = paired_t_interval(deltas) if deltas else (math.nan,) * 3
             entry["delta_vs_baseline"][key] = {"per_seed": dict(zip(map(str, paired), deltas)),
                                                "mean": mean, "ci95": [low, high]}
-        entry["small_object_verdict"] = ap_verdict(list(entry["delta_vs_baseline"]["APs"]["per_seed"].values()))
+        aps_deltas = list(entry["delta_vs_baseline"]["APs"]["per_seed"].values())
+        entry["small_object_verdict"] = ap_verdict(aps_deltas)
     return out
 
 
@@ -187,8 +188,8 @@ def plot_deltas(doc: dict, path: Path, metrics: Sequence[str] = ("AP", "APs", "A
         xs = [i + (j - (len(metrics) - 1) / 2) * width for i in range(len(names))]
         ax.bar(xs, [m if math.isfinite(m) else 0 for m in means], width, yerr=err, capsize=3, label=f"d{key}")
     ax.axhline(0, color="black", lw=0.8)
-    labels = [v if doc["variants"][v]["baseline"] == doc["baseline"] else f"{v}\n(vs {doc['variants'][v]['baseline']})"
-              for v in names]
+    refs = {v: doc["variants"][v]["baseline"] for v in names}
+    labels = [v if refs[v] == doc["baseline"] else f"{v}\n(vs {refs[v]})" for v in names]
     ax.set_xticks(range(len(names)), labels, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"delta vs the variant's baseline ({doc['baseline']} unless named)")
     ax.set_title("paired per-seed deltas (mean, 95% paired-t interval)")
