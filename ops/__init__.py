@@ -83,6 +83,9 @@ def ms_deform_attn(value: torch.Tensor, spatial_shapes: torch.Tensor, level_star
         library.last_kernel = "pytorch"
         return ms_deform_attn_reference(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights)
+    if not torch.is_grad_enabled():  # no backward follows: tell the kernels (ops/cpu.py keeps nothing)
+        value, sampling_locations, attention_weights = (
+            value.detach(), sampling_locations.detach(), attention_weights.detach())
     return library.ms_deform_attn_op(value, spatial_shapes, level_start_index, sampling_locations,
                                      attention_weights)
 

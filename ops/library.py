@@ -52,9 +52,12 @@ def ms_deform_attn_backward_op(value: torch.Tensor, spatial_shapes: torch.Tensor
 def _forward_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights):
     global last_kernel
     last_kernel = "cpu-embedding_bag"
+    # Inputs computed with grad enabled require grad (under no_grad they do not): then the backward
+    # will follow and the forward keeps what it can share with it (ops/cpu.py).
+    keep = value.requires_grad or sampling_locations.requires_grad or attention_weights.requires_grad
     with torch.autocast("cpu", enabled=False):
         return ms_deform_attn_cpu(value, spatial_shapes, level_start_index, sampling_locations,
-                                  attention_weights)
+                                  attention_weights, keep_for_backward=keep)
 
 
 @ms_deform_attn_backward_op.register_kernel("cpu")
