@@ -222,7 +222,8 @@ class HungarianMatcher(nn.Module):
         # same arithmetic as one set at a time).
         groups: dict[tuple, list[int]] = {}
         for i, (logits, boxes) in enumerate(sets):
-            groups.setdefault((logits.shape, logits.dtype, boxes.dtype, self.cost_kind(names[i])), []).append(i)
+            key = (logits.shape, logits.dtype, boxes.dtype, self.cost_kind(names[i]))
+            groups.setdefault(key, []).append(i)
         costs: list[Tensor | None] = [None] * len(sets)
         valid: list[Tensor | None] = [None] * len(sets)
         for key, members in groups.items():

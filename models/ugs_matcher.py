@@ -81,8 +81,8 @@ class UGSBinsMatcher(HungarianMatcher):
         ref_logit = at_least_float32(torch.cat([o["ref_boxes_logit"] for o in output_sets]).flatten(0, 1))
         if bin_logits.shape[:2] != (len(prob_logits), 4) or ref_logit.shape != (len(prob_logits), 4):
             raise ValueError(f"UGSBinsMatcher: expected pred_box_logits (B, Q, 4, n+1) and ref_boxes_logit "
-                             f"(B, Q, 4) for {len(prob_logits)} queries in all, got {tuple(bin_logits.shape)} "
-                             f"and {tuple(ref_logit.shape)}")
+                             f"(B, Q, 4) for {len(prob_logits)} queries in all, got "
+                             f"{tuple(bin_logits.shape)} and {tuple(ref_logit.shape)}")
         grid = self.interm_grid if kind == "bins_interm" else self.grid
         # the loss's target (UGSBoxLoss) for every pair: (N, M, 4)
         y = inverse_sigmoid(tgt_boxes.to(ref_logit.dtype))[None] - ref_logit[:, None]

@@ -27,7 +27,8 @@ def _outputs(logits_bins: torch.Tensor, ref_logit: torch.Tensor, grid: torch.Ten
     gen = torch.Generator().manual_seed(seed)
     boxes = torch.sigmoid(ref_logit + ugs.expectation(logits_bins, grid))
     return {"pred_logits": torch.randn(1, len(ref_logit), num_classes, generator=gen, dtype=F64),
-            "pred_boxes": boxes[None], "pred_box_logits": logits_bins[None], "ref_boxes_logit": ref_logit[None]}
+            "pred_boxes": boxes[None], "pred_box_logits": logits_bins[None],
+            "ref_boxes_logit": ref_logit[None]}
 
 
 def _random_case(q: int, m: int, n: int, seed: int, grid: torch.Tensor) -> tuple[dict, list[dict]]:
@@ -43,6 +44,19 @@ def _random_case(q: int, m: int, n: int, seed: int, grid: torch.Tensor) -> tuple
 def _lists(found: list) -> list:
     """Per set, per image (pred_idx, tgt_idx) as lists (index tensors do not compare with ==)."""
     return [[(p.tolist(), t.tolist()) for p, t in per_image] for per_image in found]
+
+
+def _record_costs(monkeypatch) -> list[list[torch.Tensor]]:
+    """Every cost-matrix list HungarianMatcher hands to the solver, in call order."""
+    seen: list[list[torch.Tensor]] = []
+    real = matcher_module.assign_all
+
+    def recording(costs, *args):
+        seen.append(list(costs))
+        return real(costs, *args)
+
+    monkeypatch.setattr(matcher_module, "assign_all", recording)
+    return seen
 
 
 def _hand_cost(out: dict, target: dict, grid: torch.Tensor, ce_cost: float, cost_class: float,
@@ -86,10 +100,11 @@ def test_bins_matcher_picks_the_brute_force_assignment_of_its_cost():
     for seed in range(4):
         out, targets = _random_case(5, 3, 6, seed, grid)
         cost = _hand_cost(out, targets[0], grid, 1.3, 2.0, 2.0)
-        torch.testing.assert_close(matcher.group_cost("bins", [out], out["pred_logits"][0], out["pred_boxes"][0],
-                                                      targets[0]["labels"], targets[0]["boxes"]),
-                                   cost, rtol=0, atol=1e-12)
-        best = min(itertools.permutations(range(5), 3), key=lambda qs: sum(cost[q, t] for t, q in enumerate(qs)))
+        got = matcher.group_cost("bins", [out], out["pred_logits"][0], out["pred_boxes"][0],
+                                 targets[0]["labels"], targets[0]["boxes"])
+        torch.testing.assert_close(got, cost, rtol=0, atol=1e-12)
+        best = min(itertools.permutations(range(5), 3),
+                   key=lambda qs: sum(cost[q, t] for t, q in enumerate(qs)))
         (pred_idx, tgt_idx), = matcher(out, targets)
         assert sorted(zip(tgt_idx.tolist(), pred_idx.tolist())) == list(enumerate(best)), seed
 
@@ -121,8 +136,8 @@ def test_interm_set_is_costed_on_the_interm_grid():
     middle = torch.tensor([0.1, 0.8, 0.1], dtype=F64).log()
     target = {"labels": torch.tensor([1]), "boxes": torch.tensor([[0.4, 0.6, 0.1, 0.2]], dtype=F64)}
     tgt_logit = inverse_sigmoid(target["boxes"][0])
-    out = _outputs(torch.stack([top.expand(4, 3), middle.expand(4, 3)]), torch.stack([tgt_logit - 2.0, tgt_logit]),
-                   grid)
+    bins = torch.stack([top.expand(4, 3), middle.expand(4, 3)])
+    out = _outputs(bins, torch.stack([tgt_logit - 2.0, tgt_logit]), grid)
     matcher = UGSBinsMatcher(grid, interm_grid, ce_cost=1.0, cost_class=0.0, cost_giou=0.0, threads=1)
     main, interm = matcher.forward_sets([out, out], [target], set_names=["", "_interm"])
     assert main[0][0].tolist() == [0] and interm[0][0].tolist() == [1]
@@ -136,9 +151,7 @@ def test_sets_with_the_ce_loss_off_keep_dinos_l1_cost(monkeypatch):
     """aux_layers / interm false: those sets' cost matrices are HungarianMatcher's, bit for bit."""
     grid = ugs.make_grid(3.0, 1.0, 6, dtype=F64)
     out, targets = _random_case(6, 3, 6, 7, grid)
-    seen: list[list[torch.Tensor]] = []
-    real = matcher_module.assign_all
-    monkeypatch.setattr(matcher_module, "assign_all", lambda costs, *a: seen.append(list(costs)) or real(costs, *a))
+    seen = _record_costs(monkeypatch)
     names = ["_0", "_interm", ""]
     plain = HungarianMatcher(threads=1).forward_sets([out] * 3, targets, set_names=names)
     ugs_off = UGSBinsMatcher(grid, grid, 1.0, aux_layers=False, interm=False, threads=1)
@@ -146,7 +159,8 @@ def test_sets_with_the_ce_loss_off_keep_dinos_l1_cost(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(seen[0][:2], seen[1][:2]))
     assert not torch.equal(seen[0][2], seen[1][2])  # the final layer: bins
     assert [ugs_off.cost_kind(n) for n in names] == ["expectation", "expectation", "bins"]
-    assert [ugs_off.cost_kind(n) for n in names] != [UGSBinsMatcher(grid, grid, 1.0).cost_kind(n) for n in names]
+    ugs_on = UGSBinsMatcher(grid, grid, 1.0)
+    assert [ugs_on.cost_kind(n) for n in names] == ["bins", "bins_interm", "bins"]
     assert _lists(plain[:2]) == _lists(mixed[:2])
     with pytest.raises(ValueError, match="unknown output set '_dn'"):
         ugs_off.cost_kind("_dn")
@@ -158,13 +172,12 @@ def test_expectation_default_is_the_plain_hungarian_matcher(monkeypatch):
     assert type(criterion.matcher) is HungarianMatcher and not criterion.matcher.costs_by_set
     grid = ugs.make_grid(3.0, 1.0, 6, dtype=F64)
     out, targets = _random_case(6, 3, 6, 1, grid)
-    seen: list[list[torch.Tensor]] = []
-    real = matcher_module.assign_all
-    monkeypatch.setattr(matcher_module, "assign_all", lambda costs, *a: seen.append(list(costs)) or real(costs, *a))
+    seen = _record_costs(monkeypatch)
     matcher = HungarianMatcher(threads=1)
     named = matcher.forward_sets([out, out], targets, set_names=["", "_interm"])
     assert _lists(named) == _lists(matcher.forward_sets([out, out], targets))
-    want = matcher.cost_matrix(out["pred_logits"][0], out["pred_boxes"][0], targets[0]["labels"], targets[0]["boxes"])
+    want = matcher.cost_matrix(out["pred_logits"][0], out["pred_boxes"][0], targets[0]["labels"],
+                               targets[0]["boxes"])
     assert all(torch.equal(c, want) for run in seen for c in run)
 
 
@@ -178,8 +191,10 @@ def _build(overrides: list[str]):
 def test_build_wires_the_bins_matcher_with_the_losss_weight_and_grids():
     model, criterion = _build(["ugs.ablation=full", "ugs.match.box_cost=bins"])
     m = criterion.matcher
-    assert isinstance(m, UGSBinsMatcher) and m.ce_cost == 1.0 * 5.0 / 5.0 and (m.aux_layers, m.interm) == (True, True)
-    assert torch.equal(m.grid, model.box_grid) and torch.equal(m.interm_grid, model.transformer.enc_out_bbox_embed.grid)
+    assert isinstance(m, UGSBinsMatcher) and m.ce_cost == 1.0 * 5.0 / 5.0
+    assert (m.aux_layers, m.interm) == (True, True)
+    assert torch.equal(m.grid, model.box_grid)
+    assert torch.equal(m.interm_grid, model.transformer.enc_out_bbox_embed.grid)
     assert not torch.equal(m.grid, m.interm_grid)  # R = 4 and 5
     assert (m.cost_class, m.cost_bbox, m.cost_giou) == (2.0, 5.0, 2.0)
     _, c = _build(["ugs.ablation=full", "ugs.match.box_cost=bins", "model.bbox_loss_coef=2.5",
@@ -220,7 +235,8 @@ def test_training_step_with_the_bins_matcher_is_finite_and_names_its_sets(monkey
                         or real(self, sets, targets, set_names))
     images = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(0))
     masks = torch.zeros(2, 32, 48, dtype=torch.bool)
-    targets = [{"labels": torch.tensor([1, 2]), "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.3]])},
+    targets = [{"labels": torch.tensor([1, 2]),
+                "boxes": torch.tensor([[0.3, 0.3, 0.1, 0.1], [0.6, 0.5, 0.2, 0.3]])},
                {"labels": torch.tensor([0]), "boxes": torch.tensor([[0.5, 0.5, 0.05, 0.06]])}]
     model.train()
     criterion.train()
