@@ -137,6 +137,23 @@ class URConfig:
 
 
 @dataclass
+class MatchConfig:
+    """The Hungarian matcher's box term (our choice: the paper says nothing of matching; docs/ugs.md)."""
+
+    # expectation: DINO's L1 on the boxes decoded by expectation; bins: the two-hot CE of each
+    # query's bin distributions against each target (the loss's quantity), on the sets where the
+    # CE loss is on (ugs.loss.aux_layers / interm), each on its own grid; the others keep L1
+    box_cost: Literal["expectation", "bins"] = "expectation"
+    # weight of the bins cost; None mirrors the loss as DINO's L1 cost does (5 and 5):
+    # ugs.loss.ce_weight * model.set_cost_bbox / model.bbox_loss_coef
+    ce_cost: float | None = None
+
+    def check(self) -> None:
+        if self.ce_cost is not None:
+            _positive(self.ce_cost, "ugs.match.ce_cost", allow_zero=True)
+
+
+@dataclass
 class InitConfig:
     zero_last_layer: bool = True  # zero weight and bias of each box head's 4(n+1) layer (docs/ugs.md)
 
@@ -150,6 +167,7 @@ class UGSConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     ur: URConfig = field(default_factory=URConfig)
     init: InitConfig = field(default_factory=InitConfig)
+    match: MatchConfig = field(default_factory=MatchConfig)
 
     def row_violations(self) -> list[str]:
         """Fields that contradict `ablation`'s switches (empty for custom and for `l1`, whose
@@ -179,6 +197,10 @@ class UGSConfig:
         if self.enabled and self.loss.box_loss == "smooth_l1" and (self.loss.um_weight > 0 or self.ur.weight > 0):
             raise ConfigError("ugs.loss.box_loss=smooth_l1 predicts offsets with a 4-output head: no bins, "
                               "so ugs.loss.um_weight and ugs.ur.weight must be 0")
+        if self.enabled and self.match.box_cost == "bins" and self.loss.box_loss != "ce":
+            raise ConfigError(f"ugs.match.box_cost=bins costs with the CE loss, which is off with "
+                              f"ugs.loss.box_loss={self.loss.box_loss}: use ugs.loss.box_loss=ce or "
+                              "ugs.match.box_cost=expectation")
 
     def grid_range(self, interm: bool = False) -> float:
         """R of the decoder box heads, or of the encoder-proposal head with interm=True."""

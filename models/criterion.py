@@ -477,7 +477,10 @@ class SetCriterion(nn.Module):
                                    f"output set '{s.suffix}'")
                 s.indices = indices[s.suffix]
         to_match = [s for s in live if s.indices is None]
-        if hasattr(self.matcher, "forward_sets"):
+        if getattr(self.matcher, "costs_by_set", False):  # e.g. models/ugs_matcher.py: per-set grids
+            found = self.matcher.forward_sets([s.outputs for s in to_match], targets,
+                                              set_names=[s.suffix for s in to_match])
+        elif hasattr(self.matcher, "forward_sets"):
             found = self.matcher.forward_sets([s.outputs for s in to_match], targets)
         else:  # any matcher with HungarianMatcher.forward's signature
             found = [self.matcher(s.outputs, targets) for s in to_match]

@@ -194,9 +194,18 @@ class HungarianMatcher(nn.Module):
         """
         return self.forward_sets([outputs], targets)[0]
 
+    # True where the costs depend on the output set: the criterion then passes `set_names`
+    # (its key suffixes: "", "_0", ..., "_interm") to forward_sets.
+    costs_by_set = False
+
     @torch.no_grad()
-    def forward_sets(self, output_sets: Sequence[dict], targets: list[dict]) -> list[MatchIndices]:
-        """`forward` of each output set (same targets), with one device->host copy in all."""
+    def forward_sets(self, output_sets: Sequence[dict], targets: list[dict],
+                     set_names: Sequence[str] | None = None) -> list[MatchIndices]:
+        """`forward` of each output set (same targets), with one device->host copy in all.
+        set_names: each set's key suffix, for `cost_kind` (default "" for every set)."""
+        names = [""] * len(output_sets) if set_names is None else list(set_names)
+        if len(names) != len(output_sets):
+            raise ValueError(f"HungarianMatcher: {len(names)} set_names for {len(output_sets)} output sets")
         sets = [(at_least_float32(o["pred_logits"]), at_least_float32(o["pred_boxes"])) for o in output_sets]
         for logits, boxes in sets:
             _check_shapes(logits, boxes, targets)
@@ -213,14 +222,15 @@ class HungarianMatcher(nn.Module):
         # same arithmetic as one set at a time).
         groups: dict[tuple, list[int]] = {}
         for i, (logits, boxes) in enumerate(sets):
-            groups.setdefault((logits.shape, logits.dtype, boxes.dtype), []).append(i)
+            key = (logits.shape, logits.dtype, boxes.dtype, self.cost_kind(names[i]))
+            groups.setdefault(key, []).append(i)
         costs: list[Tensor | None] = [None] * len(sets)
         valid: list[Tensor | None] = [None] * len(sets)
-        for members in groups.values():
+        for key, members in groups.items():
             logits = torch.cat([sets[i][0] for i in members])  # (G*B, Q, C)
             boxes = torch.cat([sets[i][1] for i in members])
-            cost = self.cost_matrix(logits.flatten(0, 1), boxes.flatten(0, 1), tgt_labels,
-                                    tgt_boxes.to(boxes.dtype))  # (G*B*Q, M)
+            cost = self.group_cost(key[-1], [output_sets[i] for i in members], logits.flatten(0, 1),
+                                   boxes.flatten(0, 1), tgt_labels, tgt_boxes.to(boxes.dtype))  # (G*B*Q, M)
             ok = torch.isfinite(logits).all(-1) & _valid_boxes(boxes)  # (G*B, Q)
             for k, (c, v) in enumerate(zip(cost.chunk(len(members)), ok.chunk(len(members)))):
                 costs[members[k]], valid[members[k]] = c, v.all(-1)
@@ -242,6 +252,15 @@ class HungarianMatcher(nn.Module):
             problems += [block[b] for b, block in enumerate(blocks)]
         solved = assign_all(problems, list(range(len(targets))) * len(sets), self.threads)
         return [solved[i * len(targets):(i + 1) * len(targets)] for i in range(len(sets))]
+
+    def cost_kind(self, set_name: str) -> str | None:
+        """Sets of one kind share a cost function (and are costed together); here a single kind."""
+        return None
+
+    def group_cost(self, kind: str | None, output_sets: list[dict], prob_logits: Tensor, pred_boxes: Tensor,
+                   tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
+        """The (G*B*Q, M) cost of G output sets of one kind, their logits and boxes flattened."""
+        return self.cost_matrix(prob_logits, pred_boxes, tgt_labels, tgt_boxes)
 
     def cost_matrix(self, prob_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
         """(N, C) logits, (N, 4) boxes x (M,) labels, (M, 4) boxes -> (N, M) weighted matching cost."""

@@ -18,6 +18,7 @@ from models.offset_baseline import OffsetDINO, OffsetSmoothL1Loss
 from models.postprocess import PostProcess
 from models.ugs_dino import UGSDINO
 from models.ugs_losses import UGSBoxLoss, UGSCriterion, ugs_weight_dict
+from models.ugs_matcher import UGSBinsMatcher
 from models.ugs_postprocess import UGSPostProcess
 
 
@@ -49,13 +50,29 @@ def ugs_parts(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: 
     weights = ugs_weight_dict(criterion.weight_dict, u.loss.box_loss, u.loss.ce_weight, u.loss.um_weight,
                               u.ur.weight, aux_layers=u.loss.aux_layers, interm=u.loss.interm, dn=u.loss.dn)
     box_losses = tuple(criterion.box_losses) + (UGSBoxLoss(grid, interm_grid),)
-    ugs_criterion = UGSCriterion(criterion.num_classes, criterion.matcher, weights, criterion.focal_alpha,
+    matcher = bins_matcher(cfg, grid, interm_grid) if u.match.box_cost == "bins" else criterion.matcher
+    ugs_criterion = UGSCriterion(criterion.num_classes, matcher, weights, criterion.focal_alpha,
                                  criterion.losses, box_losses, criterion.focal_gamma, ur_weight=u.ur.weight,
                                  ur_rho=u.ur.rho, ur_levels=u.ur.levels, ur_eps=u.ur.eps,
                                  ur_per_level=u.ur.per_level)
     post = UGSPostProcess(grid, postprocessor.num_select, postprocessor.nms_iou_threshold,
                           postprocessor.extra_keys)
     return UGSDINO, model_kwargs, ugs_criterion, post
+
+
+def bins_matcher(cfg, grid: torch.Tensor, interm_grid: torch.Tensor) -> UGSBinsMatcher:  # noqa: ANN001
+    """`ugs.match.box_cost=bins`: the CE cost on the sets with the CE loss, weighted like the loss
+    unless `ugs.match.ce_cost` is set (DINO's L1 cost mirrors its loss coefficient: 5 and 5)."""
+    m, u = cfg.model, cfg.ugs
+    ce_cost = u.match.ce_cost
+    if ce_cost is None:
+        if m.bbox_loss_coef == 0:
+            raise ValueError("ugs.match.ce_cost: no default with model.bbox_loss_coef=0 (it mirrors "
+                              "ce_weight * set_cost_bbox / bbox_loss_coef); set ugs.match.ce_cost")
+        ce_cost = u.loss.ce_weight * m.set_cost_bbox / m.bbox_loss_coef
+    return UGSBinsMatcher(grid, interm_grid, ce_cost, aux_layers=u.loss.aux_layers, interm=u.loss.interm,
+                          cost_class=m.set_cost_class, cost_bbox=m.set_cost_bbox, cost_giou=m.set_cost_giou,
+                          focal_alpha=m.focal_alpha, threads=m.matcher_threads)
 
 
 def offset_baseline_parts(cfg, criterion: SetCriterion, postprocessor: PostProcess  # noqa: ANN001
