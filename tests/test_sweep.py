@@ -2,6 +2,7 @@
 specs, and a tiny real sweep killed mid-way and rerun."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -108,6 +109,10 @@ def test_shipped_specs_parse_and_every_variant_loads(name):
     # UGS at 10x is compared with L1 at 10x, so a gain of the optimiser trick is never UGS's
     assert spec.variants["ugs_full_head_x10"]["baseline"] == "dino_l1_head_x10"
     assert spec.variants["ugs_full"]["baseline"] == "dino_l1"
+    chained = copy.deepcopy(spec)  # a baseline's own baseline is kept too
+    sweep.select(chained, "ugs_full_head_x10_bins_match", None)
+    assert set(chained.variants) == {"dino_l1", "dino_l1_head_x10", "ugs_full_head_x10",
+                                     "ugs_full_head_x10_bins_match"}
     sweep.select(spec, "ugs_full_head_x10", None)
     assert set(spec.variants) == {"dino_l1", "dino_l1_head_x10", "ugs_full_head_x10"}
     if name == "finetune":

@@ -254,7 +254,12 @@ def select(spec: Spec, variants: str | None, seeds: str | None) -> None:
         unknown = [v for v in wanted if v not in spec.variants]
         if unknown:
             raise SpecError(f"--variants: {unknown} not in the spec's variants {sorted(spec.variants)}")
-        keep = set(wanted) | {spec.baseline} | {spec.variants[v]["baseline"] for v in wanted}
+        keep, todo = set(), list(wanted) + [spec.baseline]
+        while todo:  # each kept variant's baseline too, and its baseline's, ...
+            name = todo.pop()
+            if name not in keep:
+                keep.add(name)
+                todo.append(spec.variants[name]["baseline"])
         spec.variants = {k: v for k, v in spec.variants.items() if k in keep}
         used = {v["start_from"] for v in spec.variants.values()}
         spec.stages = {k: v for k, v in spec.stages.items() if k in used}
