@@ -26,7 +26,7 @@ def test_gpu_specs_scale_the_cpu_specs_and_every_run_loads(gpu_name, cpu_name):
     cpu = sweep.load_spec(SPECS / f"{cpu_name}.toml", cores=2)
     # every variant of the CPU spec, with the same overrides and baseline
     assert {k: v["overrides"] for k, v in gpu.variants.items()} == {k: v["overrides"] for k, v in cpu.variants.items()}
-    assert len(gpu.variants) == 11 and gpu.baseline == cpu.baseline == "dino_l1"
+    assert len(gpu.variants) == 12 and gpu.baseline == cpu.baseline == "dino_l1"
     assert set(cpu.seeds) < set(gpu.seeds) and len(gpu.seeds) >= 5
     assert gpu.steps >= 1.5 * cpu.steps
     assert gpu.processes * gpu.threads <= 16  # one GPU machine's host cores

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU version of the UGS-vs-DINO measurement (docs/results.md, "On a GPU"): both protocols
-# (configs/sweeps/gpu_scratch.toml and gpu_finetune.toml: 11 variants x 5 seeds, 1.6x the CPU steps,
+# (configs/sweeps/gpu_scratch.toml and gpu_finetune.toml: 12 variants x 5 seeds, 1.6x the CPU steps,
 # 256 x 256 px dense small-object scenes) side by side on one GPU, several runs at a time, and the
 # gradient-variance diagnostic (tools/gradvar.py, comparator Smooth-L1) at 5 seeds next to them.
 # Run from anywhere in a checkout:
