@@ -262,11 +262,15 @@ class HungarianMatcher(nn.Module):
         """The (G*B*Q, M) cost of G output sets of one kind, their logits and boxes flattened."""
         return self.cost_matrix(prob_logits, pred_boxes, tgt_labels, tgt_boxes)
 
-    def cost_matrix(self, prob_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """(N, C) logits, (N, 4) boxes x (M,) labels, (M, 4) boxes -> (N, M) weighted matching cost."""
+    def cost_matrix(self, prob_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor,
+                    box_cost: Tensor | None = None) -> Tensor:
+        """(N, C) logits, (N, 4) boxes x (M,) labels, (M, 4) boxes -> (N, M) weighted matching cost.
+        box_cost: a weighted (N, M) box term to use in place of the L1 one (models/ugs_matcher.py)."""
         prob = prob_logits.sigmoid()
+        if box_cost is None:
+            box_cost = self.cost_bbox * bbox_cost(pred_boxes, tgt_boxes)
         return (
-            self.cost_bbox * bbox_cost(pred_boxes, tgt_boxes)
+            box_cost
             + self.cost_class * focal_class_cost(prob, tgt_labels, self.focal_alpha, self.focal_gamma)
             + self.cost_giou * giou_cost(pred_boxes, tgt_boxes, check=False)
         )

@@ -24,7 +24,7 @@ from models.matched_pairs import BoxLossTerm, DevicePairs, MatchedPairs, per_set
 from models.matcher import HungarianMatcher
 from util.box_ops import inverse_sigmoid
 
-_AUX = re.compile(r"^_\d+$")
+AUX_SET = re.compile(r"^_\d+$")  # an auxiliary decoder layer's key suffix
 
 
 class UGSBoxLoss(nn.Module):
@@ -65,14 +65,15 @@ class UGSBoxLoss(nn.Module):
         return out  # type: ignore[return-value]
 
 
-def _set_on(suffix: str, aux_layers: bool, interm: bool, dn: bool) -> bool:
+def ugs_loss_on(suffix: str, aux_layers: bool, interm: bool, dn: bool) -> bool:
+    """Whether UGS's CE/UM losses apply to the output set with this key suffix."""
     if suffix == "":
         return True
     if suffix == "_interm":
         return interm
     if suffix.startswith("_dn"):
         return dn
-    return aux_layers if _AUX.match(suffix) else False
+    return aux_layers if AUX_SET.match(suffix) else False
 
 
 def _set_multiplier(weight_dict: dict[str, float], suffix: str) -> float:
@@ -103,7 +104,7 @@ def ugs_weight_dict(weight_dict: dict[str, float], box_loss: str, ce_weight: flo
     out = dict(weight_dict)
     for s in suffixes:
         mult = _set_multiplier(weight_dict, s)
-        on = _set_on(s, aux_layers, interm, dn)
+        on = ugs_loss_on(s, aux_layers, interm, dn)
         if box_loss == "smooth_l1":
             out[f"loss_box_sl1{s}"] = smooth_l1_weight * mult if on else 0.0
         else:

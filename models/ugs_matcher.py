@@ -17,17 +17,14 @@ DINO's L1 loss: matching and loss measure a set's boxes the same way.
 """
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import Tensor
 
 import ugs
-from models.matcher import HungarianMatcher, focal_class_cost, giou_cost
+from models.matcher import HungarianMatcher
+from models.ugs_losses import AUX_SET, ugs_loss_on
 from util.box_ops import inverse_sigmoid
 from util.precision import at_least_float32
-
-_AUX = re.compile(r"^_\d+$")
 
 
 class UGSBinsMatcher(HungarianMatcher):
@@ -60,14 +57,12 @@ class UGSBinsMatcher(HungarianMatcher):
     def cost_kind(self, set_name: str) -> str:
         """The set's cost: bins (main or interm grid) where its CE loss is on, else "expectation"
         (DINO's L1). Denoising sets have fixed pairs and are never matched."""
-        if set_name == "_interm":
-            return "bins_interm" if self.interm else "expectation"
-        if set_name == "" or (_AUX.match(set_name) and self.aux_layers):
-            return "bins"
-        if _AUX.match(set_name):
+        if set_name not in ("", "_interm") and not AUX_SET.match(set_name):
+            raise ValueError(f"UGSBinsMatcher: unknown output set {set_name!r} (expected '', '_<layer>' or "
+                             "'_interm')")
+        if not ugs_loss_on(set_name, self.aux_layers, self.interm, dn=False):
             return "expectation"
-        raise ValueError(f"UGSBinsMatcher: unknown output set {set_name!r} (expected '', '_<layer>' or "
-                         "'_interm')")
+        return "bins_interm" if set_name == "_interm" else "bins"
 
     def group_cost(self, kind: str | None, output_sets: list[dict], prob_logits: Tensor, pred_boxes: Tensor,
                    tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
@@ -87,9 +82,4 @@ class UGSBinsMatcher(HungarianMatcher):
         # the loss's target (UGSBoxLoss) for every pair: (N, M, 4)
         y = inverse_sigmoid(tgt_boxes.to(ref_logit.dtype))[None] - ref_logit[:, None]
         ce = ugs.pairwise_ce_loss(bin_logits, y, grid)  # (N, M)
-        return (
-            self.ce_cost * ce
-            + self.cost_class * focal_class_cost(prob_logits.sigmoid(), tgt_labels, self.focal_alpha,
-                                                 self.focal_gamma)
-            + self.cost_giou * giou_cost(pred_boxes, tgt_boxes, check=False)
-        )
+        return self.cost_matrix(prob_logits, pred_boxes, tgt_labels, tgt_boxes, box_cost=self.ce_cost * ce)

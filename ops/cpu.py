@@ -148,13 +148,17 @@ def _table_and_rows(value_c: torch.Tensor, geo: _Geometry) -> tuple[torch.Tensor
     return torch.cat([table, table.new_zeros(1, table.shape[1])]), rows
 
 
+def _compute_value(value: torch.Tensor) -> torch.Tensor:
+    """value in the compute dtype (ops/validate.py), contiguous."""
+    return value.to(compute_dtype(value.dtype)).contiguous()
+
+
 def _prepare(value, spatial_shapes, level_start_index, sampling_locations, attention_weights, method):
     """value in the compute dtype, contiguous; the method that will run; its geometry."""
-    dtype = compute_dtype(value.dtype)
-    value_c = value.to(dtype).contiguous()
+    value_c = _compute_value(value)
     dense = chosen_method(value_c, sampling_locations.shape[1], method) == "dense"
-    geo = _geometry(value_c, spatial_shapes, level_start_index, sampling_locations.to(dtype),
-                    attention_weights.to(dtype), dense=dense)
+    geo = _geometry(value_c, spatial_shapes, level_start_index, sampling_locations.to(value_c.dtype),
+                    attention_weights.to(value_c.dtype), dense=dense)
     return value_c, ("dense" if dense else "sparse"), geo
 
 
@@ -273,7 +277,7 @@ def ms_deform_attn_cpu_backward(value: torch.Tensor, spatial_shapes: torch.Tenso
     lq, _, num_levels, num_points, _ = sampling_locations.shape[1:]
     kept = _take_kept(value, sampling_locations, attention_weights) if method == "auto" else None
     if kept is not None:
-        value_c, method, geo, matrix = value.to(compute_dtype(value.dtype)).contiguous(), "dense", kept.geo, kept.matrix
+        value_c, method, geo, matrix = _compute_value(value), "dense", kept.geo, kept.matrix
     else:
         value_c, method, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
                                         attention_weights, method)
