@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 from torchvision.ops import box_convert
 
 from util.box_ops import generalized_box_iou
@@ -39,23 +40,24 @@ MatchIndices = list[tuple[Tensor, Tensor]]
 
 
 def focal_class_cost(prob: Tensor, labels: Tensor, alpha: float, gamma: float) -> Tensor:
-    """Focal classification cost (N, C) sigmoid probabilities x (M,) labels -> (N, M).
+    """Focal classification cost (..., N, C) sigmoid probabilities x (..., M) labels -> (..., N, M).
 
     The difference between the focal loss of calling the class positive and of calling it
     negative, with the official +1e-8 inside both logs.
     """
     neg = (1 - alpha) * (prob**gamma) * (-(1 - prob + 1e-8).log())
     pos = alpha * ((1 - prob) ** gamma) * (-(prob + 1e-8).log())
-    return pos[:, labels] - neg[:, labels]
+    index = labels[..., None, :].expand(*prob.shape[:-1], labels.shape[-1])
+    return pos.gather(-1, index) - neg.gather(-1, index)
 
 
 def bbox_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor) -> Tensor:
-    """Pairwise L1 distance of normalised cxcywh boxes: (N, 4), (M, 4) -> (N, M)."""
+    """Pairwise L1 distance of normalised cxcywh boxes: (..., N, 4), (..., M, 4) -> (..., N, M)."""
     return torch.cdist(pred_boxes_cxcywh, tgt_boxes_cxcywh, p=1)
 
 
 def giou_cost(pred_boxes_cxcywh: Tensor, tgt_boxes_cxcywh: Tensor, check: bool = True) -> Tensor:
-    """Negative pairwise GIoU: (N, 4), (M, 4) -> (N, M). check=False: the caller has validated the
+    """Negative pairwise GIoU: (..., N, 4), (..., M, 4) -> (..., N, M). check=False: the caller has validated the
     boxes (w, h >= 0, finite), which spares two device syncs."""
     return -generalized_box_iou(box_convert(pred_boxes_cxcywh, "cxcywh", "xyxy"),
                                 box_convert(tgt_boxes_cxcywh, "cxcywh", "xyxy"), check=check)
@@ -216,8 +218,12 @@ class HungarianMatcher(nn.Module):
             return [[assign(logits.new_zeros(logits.shape[1], 0).cpu(), b) for b in range(len(targets))]
                     for logits, _ in sets]
 
-        tgt_labels = torch.cat([t["labels"] for t in targets])
-        tgt_boxes = torch.cat([t["boxes"] for t in targets])
+        # Each image's queries are costed against its own targets only: (B, M_max) padded targets
+        # (a query of image b never meets image c's targets, so the full-batch matrix wasted
+        # (B-1)/B of the work and of the device->host copy). Pads are a valid box, sliced off below.
+        m_max = max(sizes)
+        tgt_labels = pad_sequence([t["labels"] for t in targets], batch_first=True, padding_value=0)
+        tgt_boxes = pad_sequence([t["boxes"] for t in targets], batch_first=True, padding_value=0.5)
         # Sets of one shape and dtype are costed together (fewer, larger kernels; per element the
         # same arithmetic as one set at a time).
         groups: dict[tuple, list[int]] = {}
@@ -229,10 +235,11 @@ class HungarianMatcher(nn.Module):
         for key, members in groups.items():
             logits = torch.cat([sets[i][0] for i in members])  # (G*B, Q, C)
             boxes = torch.cat([sets[i][1] for i in members])
-            cost = self.group_cost(key[-1], [output_sets[i] for i in members], logits.flatten(0, 1),
-                                   boxes.flatten(0, 1), tgt_labels, tgt_boxes.to(boxes.dtype))  # (G*B*Q, M)
+            g = len(members)
+            cost = self.group_cost(key[-1], [output_sets[i] for i in members], logits, boxes,
+                                   tgt_labels.repeat(g, 1), tgt_boxes.to(boxes.dtype).repeat(g, 1, 1))  # (G*B, Q, M_max)
             ok = torch.isfinite(logits).all(-1) & _valid_boxes(boxes)  # (G*B, Q)
-            for k, (c, v) in enumerate(zip(cost.chunk(len(members)), ok.chunk(len(members)))):
+            for k, (c, v) in enumerate(zip(cost.chunk(g), ok.chunk(g))):
                 costs[members[k]], valid[members[k]] = c, v.all(-1)
         # One copy: every cost matrix, each image's prediction validity, the targets' validity.
         dtype = torch.promote_types(torch.float32, max((c.dtype for c in costs), key=lambda d: d.itemsize))
@@ -248,8 +255,8 @@ class HungarianMatcher(nn.Module):
         for i, ((logits, boxes), cost) in enumerate(zip(sets, host_costs)):
             if not flags[i * len(targets):(i + 1) * len(targets)].all():
                 _raise_for_invalid(i, logits, boxes, targets)
-            blocks = cost.view(len(targets), logits.shape[1], -1).split(sizes, dim=-1)
-            problems += [block[b] for b, block in enumerate(blocks)]
+            per_image = cost.view(len(targets), logits.shape[1], m_max)
+            problems += [per_image[b, :, :n] for b, n in enumerate(sizes)]
         solved = assign_all(problems, list(range(len(targets))) * len(sets), self.threads)
         return [solved[i * len(targets):(i + 1) * len(targets)] for i in range(len(sets))]
 
@@ -259,13 +266,14 @@ class HungarianMatcher(nn.Module):
 
     def group_cost(self, kind: str | None, output_sets: list[dict], prob_logits: Tensor, pred_boxes: Tensor,
                    tgt_labels: Tensor, tgt_boxes: Tensor) -> Tensor:
-        """The (G*B*Q, M) cost of G output sets of one kind, their logits and boxes flattened."""
+        """The (G*B, Q, M) cost of G output sets of one kind: logits (G*B, Q, C) and boxes
+        (G*B, Q, 4) against each image's (G*B, M) labels and (G*B, M, 4) boxes."""
         return self.cost_matrix(prob_logits, pred_boxes, tgt_labels, tgt_boxes)
 
     def cost_matrix(self, prob_logits: Tensor, pred_boxes: Tensor, tgt_labels: Tensor, tgt_boxes: Tensor,
                     box_cost: Tensor | None = None) -> Tensor:
-        """(N, C) logits, (N, 4) boxes x (M,) labels, (M, 4) boxes -> (N, M) weighted matching cost.
-        box_cost: a weighted (N, M) box term to use in place of the L1 one (models/ugs_matcher.py)."""
+        """(..., N, C) logits, (..., N, 4) boxes x (..., M) labels, (..., M, 4) boxes -> (..., N, M)
+        weighted matching cost. box_cost: a weighted (..., N, M) box term to use in place of the L1 one (models/ugs_matcher.py)."""
         prob = prob_logits.sigmoid()
         if box_cost is None:
             box_cost = self.cost_bbox * bbox_cost(pred_boxes, tgt_boxes)

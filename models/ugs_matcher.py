@@ -72,14 +72,18 @@ class UGSBinsMatcher(HungarianMatcher):
             if any(key not in o for o in output_sets):
                 raise KeyError(f"UGSBinsMatcher: an output set has no '{key}' (ugs.match.box_cost=bins needs "
                                "UGSDINO's outputs)")
-        bin_logits = torch.cat([o["pred_box_logits"] for o in output_sets]).flatten(0, 1)  # (N, 4, n+1)
-        ref_logit = at_least_float32(torch.cat([o["ref_boxes_logit"] for o in output_sets]).flatten(0, 1))
-        if bin_logits.shape[:2] != (len(prob_logits), 4) or ref_logit.shape != (len(prob_logits), 4):
+        bin_logits = torch.cat([o["pred_box_logits"] for o in output_sets])  # (G*B, Q, 4, n+1)
+        ref_logit = at_least_float32(torch.cat([o["ref_boxes_logit"] for o in output_sets]))  # (G*B, Q, 4)
+        queries = prob_logits.shape[:-1]
+        if bin_logits.shape[:-1].numel() != 4 * queries.numel() or ref_logit.shape[:-1].numel() != queries.numel() \
+                or ref_logit.shape[-1] != 4 or bin_logits.shape[-2] != 4:
             raise ValueError(f"UGSBinsMatcher: expected pred_box_logits (B, Q, 4, n+1) and ref_boxes_logit "
-                             f"(B, Q, 4) for {len(prob_logits)} queries in all, got "
+                             f"(B, Q, 4) for {queries.numel()} queries in all, got "
                              f"{tuple(bin_logits.shape)} and {tuple(ref_logit.shape)}")
+        bin_logits = bin_logits.reshape(*queries, 4, bin_logits.shape[-1])
+        ref_logit = ref_logit.reshape(*queries, 4)
         grid = self.interm_grid if kind == "bins_interm" else self.grid
-        # the loss's target (UGSBoxLoss) for every pair: (N, M, 4)
-        y = inverse_sigmoid(tgt_boxes.to(ref_logit.dtype))[None] - ref_logit[:, None]
-        ce = ugs.pairwise_ce_loss(bin_logits, y, grid)  # (N, M)
+        # the loss's target (UGSBoxLoss) for every pair of an image: (..., Q, M, 4)
+        y = inverse_sigmoid(tgt_boxes.to(ref_logit.dtype))[..., None, :, :] - ref_logit[..., :, None, :]
+        ce = ugs.pairwise_ce_loss(bin_logits.flatten(0, -3), y.flatten(0, -3), grid).view(y.shape[:-1])
         return self.cost_matrix(prob_logits, pred_boxes, tgt_labels, tgt_boxes, box_cost=self.ce_cost * ce)

@@ -36,8 +36,9 @@ def check_boxes_xyxy(boxes_xyxy: Tensor, name: str) -> None:
     The official code asserts this; an assert vanishes under ``python -O`` and says nothing
     about which box is wrong, so we raise instead.
     """
-    if boxes_xyxy.ndim != 2 or boxes_xyxy.shape[-1] != 4:
-        raise ValueError(f"{name}: expected boxes_xyxy of shape (N, 4), got {tuple(boxes_xyxy.shape)}")
+    if boxes_xyxy.ndim < 2 or boxes_xyxy.shape[-1] != 4:
+        raise ValueError(f"{name}: expected boxes_xyxy of shape (..., N, 4), got {tuple(boxes_xyxy.shape)}")
+    boxes_xyxy = boxes_xyxy.reshape(-1, 4)  # rows are counted over the leading dimensions
     # `>=` is False for NaN, so NaN boxes are reported here too.
     ok = (boxes_xyxy[:, 2:] >= boxes_xyxy[:, :2]).all(dim=1)
     if not bool(ok.all()):
@@ -51,7 +52,7 @@ def check_boxes_xyxy(boxes_xyxy: Tensor, name: str) -> None:
 
 
 def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, check: bool = True) -> Tensor:
-    """Pairwise GIoU (N, 4), (M, 4) -> (N, M) in [-1, 1].
+    """Pairwise GIoU (..., N, 4), (..., M, 4) -> (..., N, M) in [-1, 1] (leading dims broadcast).
 
     Raises ValueError naming the offending boxes if any box is inverted (the GIoU formula would
     silently return nonsense for them). check=False skips that validation (two device syncs) for
@@ -60,7 +61,7 @@ def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, check: bool = 
     if check:
         check_boxes_xyxy(boxes1_xyxy, "generalized_box_iou boxes1")
         check_boxes_xyxy(boxes2_xyxy, "generalized_box_iou boxes2")
-    return _broadcast_giou(boxes1_xyxy[:, None, :], boxes2_xyxy[None, :, :])
+    return _broadcast_giou(boxes1_xyxy[..., :, None, :], boxes2_xyxy[..., None, :, :])
 
 
 def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
