@@ -106,3 +106,19 @@ def test_benchmark_ops_sparse_impl_matches_ours_on_cpu():
         results.append([out, *torch.autograd.grad(out, leaves, grad)])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_benchmark_matcher_runs_both_costs_and_rejects_bad_sizes(capsys):
+    from tools import benchmark_matcher
+
+    out_sets, targets = benchmark_matcher.make_batch(2, 12, 5, 3, 4, bins=6, device="cpu")
+    assert len(out_sets) == 3 and out_sets[0]["pred_box_logits"].shape == (2, 12, 4, 7)
+    assert [len(t["boxes"]) for t in targets] == [5, 5]
+    assert all(((t["boxes"] > 0) & (t["boxes"] < 1)).all() for t in targets)
+    for extra in ([], ["--bins"]):
+        assert benchmark_matcher.main(["--images", "1", "2", "--targets", "4", "--queries", "10", "--sets", "3",
+                                       "--repeats", "1", "--json", *extra]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(rows) == 4 and '"cost": "bins"' in rows[-1]
+    with pytest.raises(SystemExit):
+        benchmark_matcher.main(["--targets", "-1"])
