@@ -14,7 +14,7 @@
 #   DEFORMOPS_WHEEL=FILE  a deformops wheel: its Triton kernel as a row of the op benchmark
 #   WHEELS=DIR            wheels (pip download) for Python packages this machine lacks (pytest,
 #                         pycocotools, ...): each missing one is installed into OUT_DIR/site
-#   GPU_CHECK_SKIP="a b"  step names to skip (build pytest bench_ops bench_official bench_model train)
+#   GPU_CHECK_SKIP="a b"  step names to skip (build pytest bench_ops bench_official bench_matcher bench_model train)
 #   GPU_CHECK_DRY_RUN=1   check this script on a CPU machine: tiny sizes, few steps, no CUDA numbers
 #   PYTHON                the interpreter (default python3)
 # Outputs: env.md, steps.md (status and time of every step), <step>.log, and the tables
@@ -136,6 +136,13 @@ OPS_EXTRA=()
 [ -n "${DEFORMOPS_WHEEL:-}" ] && OPS_EXTRA+=(--deformops-wheel "$DEFORMOPS_WHEEL")
 step bench_ops 100 "$PY" tools/benchmark_ops.py "${OPS_ARGS[@]}" "${OPS_EXTRA[@]}" \
   --markdown "$OUT/bench_ops.md" --json "$OUT/bench_ops.json"
+
+# 4b. one matching call of a step (cost matrices of 7 output sets, the copy, the assignments) at
+#     dense-image sizes, DINO's L1 cost and UGS's bins cost
+if [ "$DRY" = "1" ]; then MATCH_ARGS=(--device cpu --images 2 --targets 20 --queries 50 --repeats 1)
+else MATCH_ARGS=(--device cuda --images 2 4 --targets 300 --threads 4 --repeats 5); fi
+step bench_matcher 60 bash -c '"$0" tools/benchmark_matcher.py "$@" && "$0" tools/benchmark_matcher.py --bins "$@"' \
+  "$PY" "${MATCH_ARGS[@]}"
 
 # 5. the cost of UGS over DINO (UR on / off; float32 and bfloat16) with a profile of each step
 step bench_model 150 "$PY" tools/benchmark_model.py "${MODEL_ARGS[@]}" --markdown "$OUT/bench_model.md" \
