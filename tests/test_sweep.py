@@ -123,6 +123,40 @@ def test_shipped_specs_parse_and_every_variant_loads(name):
         assert not spec.stages
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs" / "sweeps").glob("*.toml")
+                                         if not p.stem.startswith("gpu_")))
+def test_every_cpu_spec_loads_every_variant_and_stage(name):
+    from configs import load_config
+
+    spec = sweep.load_spec(ROOT / "configs" / "sweeps" / f"{name}.toml", cores=2)
+    assert len(spec.seeds) >= 3 and spec.processes * spec.threads <= 2 and spec.baseline in spec.variants
+    for v in list(spec.variants.values()) + list(spec.stages.values()):
+        load_config(spec.base, spec.overrides + v["overrides"])
+
+
+def test_grid_search_spec_gives_both_arms_the_same_budget():
+    """R and n for UGS against loss weights for L1: as many candidates each, every one at 10x and
+    compared with its own arm's defaults; the search seeds are not the evaluation seeds."""
+    from configs import load_config
+
+    spec = sweep.load_spec(ROOT / "configs" / "sweeps" / "finetune_grid_search.toml", cores=2)
+    arms: dict[str, list] = {"dino_l1_head_x10": [], "ugs_full_head_x10": []}
+    for name, v in spec.variants.items():
+        if name not in arms:
+            arms[v["baseline"]].append(name)
+    assert len(arms["dino_l1_head_x10"]) == len(arms["ugs_full_head_x10"]) == 4
+    grids = set()
+    for name in arms["ugs_full_head_x10"] + ["ugs_full_head_x10"]:
+        cfg = load_config(spec.base, spec.overrides + spec.variants[name]["overrides"])
+        assert cfg.ugs.enabled and cfg.optim.lr_box_head_last_mult == 10.0
+        grids.add((cfg.ugs.grid.range, cfg.ugs.grid.intervals))
+    assert grids == {(4.0, 16), (2.0, 16), (8.0, 16), (4.0, 8), (4.0, 32)}
+    for name in arms["dino_l1_head_x10"]:
+        cfg = load_config(spec.base, spec.overrides + spec.variants[name]["overrides"])
+        assert not cfg.ugs.enabled and cfg.optim.lr_box_head_last_mult == 10.0
+    assert {10, 11} <= set(spec.seeds) and {0, 1, 2} <= set(spec.seeds)
+
+
 # ----------------------------------------------------------------------------- statistics
 
 def test_paired_t_interval_and_summary_against_scipy():
