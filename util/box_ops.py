@@ -61,7 +61,7 @@ def generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor, check: bool = 
     if check:
         check_boxes_xyxy(boxes1_xyxy, "generalized_box_iou boxes1")
         check_boxes_xyxy(boxes2_xyxy, "generalized_box_iou boxes2")
-    return _broadcast_giou(boxes1_xyxy[..., :, None, :], boxes2_xyxy[..., None, :, :])
+    return _pairwise_giou(boxes1_xyxy, boxes2_xyxy)
 
 
 def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
@@ -76,6 +76,23 @@ def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tens
         raise ValueError(f"paired_generalized_box_iou: expected two (N, 4) tensors, got "
                          f"{tuple(boxes1_xyxy.shape)} and {tuple(boxes2_xyxy.shape)}")
     return _broadcast_giou(boxes1_xyxy, boxes2_xyxy)
+
+
+def _pairwise_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """`_broadcast_giou` of every (row of boxes1, row of boxes2) pair, element for element the same
+    arithmetic, on one coordinate at a time: (..., N, M) planes instead of (..., N, M, 2) ones
+    halves the memory traffic of the matcher's largest cost term."""
+    x0a, y0a, x1a, y1a = (c[..., :, None] for c in boxes1_xyxy.unbind(-1))
+    x0b, y0b, x1b, y1b = (c[..., None, :] for c in boxes2_xyxy.unbind(-1))
+    area1 = (x1a - x0a) * (y1a - y0a)
+    area2 = (x1b - x0b) * (y1b - y0b)
+    inter = (torch.min(x1a, x1b) - torch.max(x0a, x0b)).clamp_(min=0)
+    inter *= (torch.min(y1a, y1b) - torch.max(y0a, y0b)).clamp_(min=0)
+    union = area1 + area2 - inter
+    iou = inter.div_(union + _IOU_EPS)
+    area_c = (torch.max(x1a, x1b) - torch.min(x0a, x0b)).clamp_(min=0)
+    area_c *= (torch.max(y1a, y1b) - torch.min(y0a, y0b)).clamp_(min=0)  # smallest enclosing box
+    return iou - (area_c - union) / (area_c + _IOU_EPS)
 
 
 def _broadcast_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
