@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.targets < 0 or args.queries < 1 or args.sets < 1 or args.repeats < 1 or min(args.images) < 1:
         parser.error("--images, --queries, --sets and --repeats must be >= 1 and --targets >= 0")
     torch.set_num_threads(args.threads)
-    names = [f"_{i}" for i in range(args.sets - 2)] + ["", "_interm"] if args.sets >= 2 else [""]
+    # the decoder's auxiliary layers, its final layer, the encoder proposals
+    names = [""] if args.sets == 1 else [f"_{i}" for i in range(args.sets - 2)] + ["", "_interm"]
     if args.bins:
         grid = ugs.make_grid(4.0, 1.0, 16, device=args.device)
         matcher = UGSBinsMatcher(grid, ugs.make_grid(5.0, 1.0, 16, device=args.device), ce_cost=1.0,

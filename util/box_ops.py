@@ -9,6 +9,8 @@ GIoU stays hand-written: the official code adds 1e-6 to both of its denominators
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor
 
@@ -79,11 +81,22 @@ def paired_generalized_box_iou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tens
 
 
 def _pairwise_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
-    """`_broadcast_giou` of every (row of boxes1, row of boxes2) pair, element for element the same
-    arithmetic, on one coordinate at a time: (..., N, M) planes instead of (..., N, M, 2) ones
-    halves the memory traffic of the matcher's largest cost term."""
-    x0a, y0a, x1a, y1a = (c[..., :, None] for c in boxes1_xyxy.unbind(-1))
-    x0b, y0b, x1b, y1b = (c[..., None, :] for c in boxes2_xyxy.unbind(-1))
+    """(..., N, 4), (..., M, 4) -> (..., N, M): every row of boxes1 against every row of boxes2."""
+    return _giou([c[..., :, None] for c in boxes1_xyxy.unbind(-1)],
+                 [c[..., None, :] for c in boxes2_xyxy.unbind(-1)])
+
+
+def _broadcast_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
+    """GIoU of broadcast box pairs (..., 4), (..., 4) -> (...), with the official epsilons."""
+    return _giou(boxes1_xyxy.unbind(-1), boxes2_xyxy.unbind(-1))
+
+
+def _giou(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    """GIoU of two boxes given as broadcastable coordinate planes (x0, y0, x1, y1), with the official
+    epsilons. One coordinate at a time: (..., N, M) planes, not (..., N, M, 2) ones, halves the
+    memory traffic of the matcher's largest cost term."""
+    x0a, y0a, x1a, y1a = a
+    x0b, y0b, x1b, y1b = b
     area1 = (x1a - x0a) * (y1a - y0a)
     area2 = (x1b - x0b) * (y1b - y0b)
     inter = (torch.min(x1a, x1b) - torch.max(x0a, x0b)).clamp_(min=0)
@@ -92,23 +105,6 @@ def _pairwise_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
     iou = inter.div_(union + _IOU_EPS)
     area_c = (torch.max(x1a, x1b) - torch.min(x0a, x0b)).clamp_(min=0)
     area_c *= (torch.max(y1a, y1b) - torch.min(y0a, y0b)).clamp_(min=0)  # smallest enclosing box
-    return iou - (area_c - union) / (area_c + _IOU_EPS)
-
-
-def _broadcast_giou(boxes1_xyxy: Tensor, boxes2_xyxy: Tensor) -> Tensor:
-    """GIoU of broadcast box pairs (..., 4), (..., 4) -> (...), with the official epsilons."""
-    area1 = box_area(boxes1_xyxy)
-    area2 = box_area(boxes2_xyxy)
-    lt = torch.max(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
-    rb = torch.min(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    union = area1 + area2 - inter
-    iou = inter / (union + _IOU_EPS)
-    lt = torch.min(boxes1_xyxy[..., :2], boxes2_xyxy[..., :2])
-    rb = torch.max(boxes1_xyxy[..., 2:], boxes2_xyxy[..., 2:])
-    wh = (rb - lt).clamp(min=0)
-    area_c = wh[..., 0] * wh[..., 1]  # smallest enclosing box
     return iou - (area_c - union) / (area_c + _IOU_EPS)
 
 
