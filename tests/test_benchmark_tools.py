@@ -122,3 +122,55 @@ def test_benchmark_matcher_runs_both_costs_and_rejects_bad_sizes(capsys):
     assert len(rows) == 4 and '"cost": "bins"' in rows[-1]
     with pytest.raises(SystemExit):
         benchmark_matcher.main(["--targets", "-1"])
+
+
+@pytest.mark.parametrize("name, category", [
+    ("void ms_deformable_im2col_gpu_kernel<float>(int, float const*, ...)", "deformable attention"),
+    ("void msda::detail::forward_kernel<float, float, 4, 1>(float const*, ...)", "deformable attention"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNT", "matrix products"),
+    ("sm90_xmma_gemm_f32f32_tf32f32_f32_tn_n_tilesize128x128x32", "matrix products"),
+    ("aten::addmm", "matrix products"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<float>", "convolutions"),
+    ("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float>", "normalisation"),
+    ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>", "optimizer and clipping"),
+    ("Memcpy HtoD (Pageable -> Device)", "copies and fills"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>", "elementwise"),
+    ("some_kernel_nobody_names", "other"),
+])
+def test_kernel_names_group_into_kinds_of_work(name, category):
+    from tools.profiling import kernel_category
+
+    assert kernel_category(name) == category
+
+
+def test_profile_step_groups_cpu_ops_and_the_side_by_side_table():
+    from tools.profiling import profile_step, side_by_side
+
+    x = torch.randn(64, 64)
+    value = torch.randn(1, 4, 16, 16)
+    grid = torch.rand(1, 8, 8, 2) * 2 - 1
+
+    def step() -> None:
+        (x @ x).relu().sum()
+        torch.nn.functional.grid_sample(value, grid, align_corners=False).sum()
+
+    step()
+    prof = profile_step(step, torch.device("cpu"), top=3)
+    assert prof["wall_ms"] > 0 and prof["device_busy_ms"] == 0 and prof["launches"] >= 4
+    assert prof["runtime_calls"] == {}  # no CUDA runtime on a CPU
+    assert prof["categories_ms"]["matrix products"] > 0 and prof["categories_ms"]["deformable attention"] > 0
+    assert len(prof["top_ms"]) == 3 and all(v["calls"] >= 1 for v in prof["top_ms"].values())
+    text = side_by_side({"official": prof, "ours": prof}, "fp32")
+    assert text.startswith("### fp32") and "| | official | ours |" in text
+    assert "| deformable attention, host self ms |" in text and "Largest items, ours" in text
+
+
+def test_profile_markdown_names_a_precision_that_was_not_profiled():
+    prof = {"wall_ms": 10.0, "device_busy_ms": 8.0, "launches": 100, "runtime_calls": {"cudaStreamSynchronize": 2},
+            "categories_ms": {"matrix products": 5.0, "deformable attention": 3.0}, "top_ms": {"k": {"ms": 5.0, "calls": 9}}}
+    meta = {"device": "GPU", "commit": "abc", "date": "today"}
+    side = {"fp32": {"step_ms": [1.0], "profile": prof}, "best": {"step_ms": [1.0], "profile": {"error": "OOM"}}}
+    text = official.profile_markdown(side, side, meta)
+    assert "| device busy ms (share of wall) | 8.0 (0.80) | 8.0 (0.80) |" in text
+    assert "| cudaStreamSynchronize | 2 | 2 |" in text and "| matrix products, device ms | 5.00 | 5.00 |" in text
+    assert "### best: not profiled" in text

@@ -137,11 +137,11 @@ def test_benchmark_profile_variants_cpu():
 def test_benchmark_runtime_calls_keep_only_waits_and_launches_in_a_fixed_order():
     from types import SimpleNamespace
 
-    from tools import benchmark_model
+    from tools import profiling
 
     events = [SimpleNamespace(key=k, count=c) for k, c in
               [("aten::mm", 50), ("cudaStreamSynchronize", 3), ("cudaLaunchKernel", 4000), ("cudaMemcpyAsync", 2)]]
-    assert list(benchmark_model.runtime_calls(events).items()) == [
+    assert list(profiling.runtime_calls(events).items()) == [
         ("cudaLaunchKernel", 4000), ("cudaMemcpyAsync", 2), ("cudaStreamSynchronize", 3)]
 
 

@@ -43,6 +43,8 @@ from util.engine import weighted_loss  # noqa: E402
 from util.logging import json_safe  # noqa: E402
 from util.precision import tf32_mode  # noqa: E402
 
+from tools.profiling import is_host_op, on_device, range_ms, runtime_calls, self_ms  # noqa: E402
+
 
 def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,
                max_box: float = 0.15):
@@ -309,13 +311,13 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
             wall_ms = (time.perf_counter() - start) * 1000
         events = prof.key_averages()
         # kernels and copies only: an op's self device time repeats its kernels' (counted twice)
-        busy_ms = sum(e.self_device_time_total for e in events if _on_device(e)) / 1000
+        busy_ms = sum(e.self_device_time_total for e in events if on_device(e)) / 1000
         result[key] = {"label": label, "wall_ms": wall_ms, "device_busy_ms": busy_ms, "ops": len(events),
                        # host ops only: each kernel's time sits in the self time of the op that
                        # launched it, so these sum to the step's total once; profiler ranges apart
-                       "op_ms": {e.key: _self_ms(e, device) for e in events if _is_host_op(e)},
-                       "op_calls": {e.key: e.count for e in events if _is_host_op(e)},
-                       "ranges_ms": {e.key: _range_ms(e, device) for e in events
+                       "op_ms": {e.key: self_ms(e, device) for e in events if is_host_op(e)},
+                       "op_calls": {e.key: e.count for e in events if is_host_op(e)},
+                       "ranges_ms": {e.key: range_ms(e, device) for e in events
                                      if getattr(e, "is_user_annotation", False)}}
         result[key]["runtime_calls"] = runtime_calls(events)
         ratio = f", device busy {busy_ms:.1f} ms = {busy_ms / wall_ms:.2f} of wall" if device.type == "cuda" else ""
@@ -330,45 +332,6 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
     for before, after in zip(keys, keys[1:]):
         texts.append(profile_difference(result, before, after, top))
     return result, "\n\n".join(texts)
-
-
-# CUDA runtime calls that show where the host waits for the device (synchronisations; a blocking
-# memcpy waits too) and how many kernels it launched; one cudaDeviceSynchronize is the profiler's.
-RUNTIME_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaMemcpyAsync",
-                 "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
-
-
-def runtime_calls(events) -> dict[str, int]:  # noqa: ANN001
-    """{runtime call: count} of one profiled step, for the calls in RUNTIME_CALLS that occurred."""
-    counts = {e.key: e.count for e in events if e.key in RUNTIME_CALLS}
-    return {name: counts[name] for name in RUNTIME_CALLS if name in counts}
-
-
-def _is(event, device_type: torch.autograd.DeviceType) -> bool:  # noqa: ANN001
-    """An op or kernel on that side, not a profiler range (torch.profiler's own "Self CUDA time
-    total" leaves ranges out too)."""
-    return (getattr(event, "device_type", None) == device_type
-            and not getattr(event, "is_user_annotation", False))
-
-
-def _on_device(event) -> bool:  # noqa: ANN001
-    return _is(event, torch.autograd.DeviceType.CUDA)  # kernels, memcpy, memset
-
-
-def _is_host_op(event) -> bool:  # noqa: ANN001
-    return _is(event, torch.autograd.DeviceType.CPU)
-
-
-def _range_ms(event, device: torch.device) -> float:  # noqa: ANN001
-    """A profiler range's length: on the device where it has a device span, else on the host."""
-    if device.type == "cuda" and getattr(event, "device_time_total", 0.0) > 0:
-        return event.device_time_total / 1000
-    return event.cpu_time_total / 1000
-
-
-def _self_ms(event, device: torch.device) -> float:  # noqa: ANN001
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    return getattr(event, attr, 0.0) / 1000
 
 
 def profile_difference(result: dict, before: str, after: str, top: int = 20) -> str:

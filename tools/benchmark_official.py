@@ -45,6 +45,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # for tools.profiling (torch only); taken out again: the official
+from tools.profiling import profile_step, side_by_side  # noqa: E402  side imports its own `models`, `util`
+
+sys.path.remove(str(ROOT))
 ARGS_FILE = "args_dino_5scale_r50.json"
 TARGET_IMAGES_PER_S = {"fp32": 1.3, "best": 1.5}  # ours / official
 AGREE_ATOL = 1e-3  # float32 eval outputs (logits and normalised boxes) after 6 + 6 layers
@@ -188,6 +192,8 @@ def run_official(opts: argparse.Namespace, device: torch.device) -> dict:
             losses.item()
 
         results[precision] = _timed(step, device, opts)
+        if opts.profile and "error" not in results[precision]:
+            results[precision]["profile"] = _profiled(step, device)
     return results
 
 
@@ -204,6 +210,36 @@ def _timed(step, device: torch.device, opts: argparse.Namespace) -> dict:
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()
+
+
+def _profiled(step, device: torch.device) -> dict:  # noqa: ANN001
+    """One step under torch.profiler (after the timed rounds: warm); an error is recorded."""
+    try:
+        return profile_step(step, device)
+    except Exception as exc:  # noqa: BLE001 - the timings stand without the profile
+        traceback.print_exc()
+        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+    finally:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def profile_markdown(official: dict, ours: dict, meta: dict) -> str:
+    """The profiled step of each side per precision, side by side (tools/profiling.py)."""
+    lines = [f"# Profiled training step, official DINO vs ours ({meta['device']}, commit {meta['commit']}, "
+             f"{meta['date']})", "",
+             "One step per side and precision under torch.profiler, after the timed rounds. Kinds of work "
+             "are grouped by kernel name (tools/profiling.py, KERNEL_CATEGORIES); the profiler's own overhead "
+             "lengthens the wall time, so compare the sides, not these walls with the timed table.", ""]
+    for precision in official:
+        profiles = {side: result.get(precision, {}).get("profile") for side, result in
+                    (("official", official), ("ours", ours))}
+        if not all(p and "error" not in p for p in profiles.values()):
+            lines += [f"### {precision}: not profiled ({profiles})", ""]
+            continue
+        lines.append(side_by_side(profiles, f"{precision}: official {PRECISION_LABEL['official'][precision]}, "
+                                            f"ours {PRECISION_LABEL['ours'][precision]}"))
+    return "\n".join(lines)
 
 
 # ---- our side ---------------------------------------------------------------------------------------
@@ -304,6 +340,8 @@ def run_ours(opts: argparse.Namespace, device: torch.device) -> tuple[dict, dict
             total.item()
 
         results[precision] = _timed(step, device, opts)
+        if opts.profile and "error" not in results[precision]:
+            results[precision]["profile"] = _profiled(step, device)
     return results, agree
 
 
@@ -391,6 +429,8 @@ def _run_side(side: str, opts: argparse.Namespace, work: Path, log: Path) -> int
         cmd += ["--msda-original", str(opts.msda_original)]
     if opts.dry_run:
         cmd.append("--dry-run")
+    if opts.profile:
+        cmd.append("--profile")
     print(f"== {side}: {' '.join(cmd)}", flush=True)
     with log.open("w") as f:
         done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
@@ -416,6 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--precisions", default="fp32,best", type=lambda s: s.split(","))
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny, the official op's PyTorch function")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile one step of each side and precision: OUT/profile.md (kernel time by kind, "
+                        "device-busy share, launches, host waits)")
     p.add_argument("--side", choices=["official", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -460,6 +503,10 @@ def main(argv: list[str] | None = None) -> int:
     (out / "official_vs_ours.json").write_text(json.dumps({"meta": meta, "rows": rows,
                                                            "agreement": mine["agreement"]}, indent=1))
     print(text)
+    if opts.profile:
+        profile_text = profile_markdown(official, mine["results"], meta)
+        (out / "profile.md").write_text(profile_text)
+        print(profile_text)
     if rc != 0 or rc_ours != 0:
         print(f"a side failed (official rc={rc}, ours rc={rc_ours}): see {out}/official.log, {out}/ours.log",
               file=sys.stderr)

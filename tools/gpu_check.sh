@@ -18,7 +18,8 @@
 #   GPU_CHECK_DRY_RUN=1   check this script on a CPU machine: tiny sizes, few steps, no CUDA numbers
 #   PYTHON                the interpreter (default python3)
 # Outputs: env.md, steps.md (status and time of every step), <step>.log, and the tables
-# bench_ops.md, official_vs_ours/official_vs_ours.md, bench_model.md, train.md.
+# bench_ops.md, official_vs_ours/official_vs_ours.md (and profile.md: each side's step by kind of
+# work), bench_model.md, train.md.
 set +e
 if [ $# -lt 1 ]; then
   echo "usage: bash tools/gpu_check.sh OUT_DIR   (see the comment at the top for the options)" >&2
@@ -119,12 +120,13 @@ fi
 step pytest 150 "$PY" -m pytest -q -ra \
   tests/test_ops_cuda.py tests/test_ops.py tests/test_criterion_cuda.py
 
-# 3. the official DINO-5scale R50 training step against ours (same weights, same batch)
+# 3. the official DINO-5scale R50 training step against ours (same weights, same batch), and one
+#    profiled step of each side: where a shortfall comes from
 if [ -n "${OFFICIAL_DINO:-}" ]; then
   OFFICIAL_EXTRA=()
   [ -n "${MSDA_ORIGINAL:-}" ] && OFFICIAL_EXTRA+=(--msda-original "$MSDA_ORIGINAL")
   step bench_official 150 "$PY" tools/benchmark_official.py --official "$OFFICIAL_DINO" "${OFFICIAL_EXTRA[@]}" \
-    "${OFFICIAL_ARGS[@]}" --out "$OUT/official_vs_ours"
+    "${OFFICIAL_ARGS[@]}" --profile --out "$OUT/official_vs_ours"
 else
   echo "| bench_official | skipped (no OFFICIAL_DINO) | - | - |" >> "$OUT/steps.md"
 fi

@@ -1,0 +1,138 @@
+"""Reading torch.profiler results of one training step: where the device time goes, and whether the
+step waits on the host. Shared by tools/benchmark_model.py (UGS over DINO) and
+tools/benchmark_official.py (the official DINO step against ours).
+
+Imports torch only: benchmark_official.py loads this module in the process that runs the official
+code, whose packages `models` and `util` clash with ours.
+"""
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import torch
+
+# CUDA runtime calls that show where the host waits for the device (synchronisations; a blocking
+# memcpy waits too) and how many kernels it launched; one cudaDeviceSynchronize is the profiler's.
+RUNTIME_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cudaMemcpyAsync",
+                 "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+# Kernel (CUDA) or op (CPU) name -> the kind of work, first match wins. The two sides of a comparison
+# name their kernels differently (the official op's im2col kernels, our msda:: kernels, cuBLAS's
+# nvjet / sm90 GEMMs); grouping them says which kind of work one side spends more on.
+KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
+    ("deformable attention", r"msda|ms_deform|im2col|col2im|grid_sampler"),
+    ("matrix products", r"gemm|cutlass|cublas|xmma|nvjet|\bsm\d+_|aten::(addmm|mm|bmm|matmul|linear|baddbmm)\b"),
+    ("convolutions", r"conv|cudnn|winograd|implicit_|fprop|dgrad|wgrad"),
+    ("normalisation", r"norm"),
+    ("optimizer and clipping", r"adam|foreach|multi_tensor|clip_grad|_amp_"),
+    ("softmax, reductions, top-k, sort", r"softmax|reduce|\bsum\b|aten::sum|topk|sort|scan|cumsum|max|min"),
+    ("copies and fills", r"memcpy|memset|copy|fill|\bcat\b|aten::cat|catarray|index|gather|scatter|nonzero"),
+    ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|sigmoid|relu|exp|log|where|clamp)"),
+)
+
+
+def kernel_category(name: str) -> str:
+    lowered = name.lower()
+    for category, pattern in KERNEL_CATEGORIES:
+        if re.search(pattern, lowered):
+            return category
+    return "other"
+
+
+def runtime_calls(events) -> dict[str, int]:  # noqa: ANN001
+    """{runtime call: count} of one profiled step, for the calls in RUNTIME_CALLS that occurred."""
+    counts = {e.key: e.count for e in events if e.key in RUNTIME_CALLS}
+    return {name: counts[name] for name in RUNTIME_CALLS if name in counts}
+
+
+def _is(event, device_type: torch.autograd.DeviceType) -> bool:  # noqa: ANN001
+    """An op or kernel on that side, not a profiler range (torch.profiler's own "Self CUDA time
+    total" leaves ranges out too)."""
+    return (getattr(event, "device_type", None) == device_type
+            and not getattr(event, "is_user_annotation", False))
+
+
+def on_device(event) -> bool:  # noqa: ANN001
+    return _is(event, torch.autograd.DeviceType.CUDA)  # kernels, memcpy, memset
+
+
+def is_host_op(event) -> bool:  # noqa: ANN001
+    return _is(event, torch.autograd.DeviceType.CPU)
+
+
+def range_ms(event, device: torch.device) -> float:  # noqa: ANN001
+    """A profiler range's length: on the device where it has a device span, else on the host."""
+    if device.type == "cuda" and getattr(event, "device_time_total", 0.0) > 0:
+        return event.device_time_total / 1000
+    return event.cpu_time_total / 1000
+
+
+def self_ms(event, device: torch.device) -> float:  # noqa: ANN001
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return getattr(event, attr, 0.0) / 1000
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) -> dict:
+    """One profiled call of `step` (warm it up first).
+
+    On CUDA the "work items" are kernels, copies and fills, timed on the device; device_busy_ms is
+    their sum, so busy / wall well below 1 means the step waits on the host (launches, syncs). On
+    a CPU they are the host ops by self time (no device: busy is 0). Returns wall_ms,
+    device_busy_ms, launches (work items run), runtime_calls, categories_ms (KERNEL_CATEGORIES)
+    and top_ms (the `top` largest work items by total time, with their call counts).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1000
+    events = prof.key_averages()
+    items = [e for e in events if (on_device(e) if device.type == "cuda" else is_host_op(e))]
+    item_ms = {e.key: self_ms(e, device) for e in items}
+    categories: dict[str, float] = {}
+    for name, ms in item_ms.items():
+        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+    largest = sorted(items, key=lambda e: item_ms[e.key], reverse=True)[:top]
+    return {"wall_ms": wall_ms,
+            "device_busy_ms": sum(item_ms.values()) if device.type == "cuda" else 0.0,
+            "launches": sum(e.count for e in items),
+            "runtime_calls": runtime_calls(events),
+            "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
+            "top_ms": {e.key: {"ms": item_ms[e.key], "calls": e.count} for e in largest}}
+
+
+def side_by_side(profiles: dict[str, dict], title: str) -> str:
+    """Markdown: the profiled steps of several sides (e.g. official, ours) next to each other: wall
+    time, device-busy share, launches, host waits, then time per kind of work and the largest items."""
+    names = list(profiles)
+    unit = "device ms" if any(p["device_busy_ms"] > 0 for p in profiles.values()) else "host self ms"
+    lines = [f"### {title}", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    lines.append("| profiled step, wall ms | " + " | ".join(f"{profiles[n]['wall_ms']:.1f}" for n in names) + " |")
+    lines.append("| device busy ms (share of wall) | " + " | ".join(
+        f"{profiles[n]['device_busy_ms']:.1f} ({profiles[n]['device_busy_ms'] / profiles[n]['wall_ms']:.2f})"
+        for n in names) + " |")
+    lines.append("| kernels / ops run | " + " | ".join(str(profiles[n]["launches"]) for n in names) + " |")
+    for call in ("cudaStreamSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize"):
+        if any(call in profiles[n]["runtime_calls"] for n in names):
+            lines.append(f"| {call} | " + " | ".join(str(profiles[n]["runtime_calls"].get(call, 0))
+                                                      for n in names) + " |")
+    categories = sorted({c for p in profiles.values() for c in p["categories_ms"]},
+                        key=lambda c: -max(p["categories_ms"].get(c, 0.0) for p in profiles.values()))
+    for category in categories:
+        lines.append(f"| {category}, {unit} | " + " | ".join(
+            f"{profiles[n]['categories_ms'].get(category, 0.0):.2f}" for n in names) + " |")
+    for n in names:
+        lines += ["", f"Largest items, {n} ({unit}, calls):", ""]
+        lines += [f"- {ms['ms']:.2f} x{ms['calls']}: `{name[:110]}`" for name, ms in profiles[n]["top_ms"].items()]
+    return "\n".join(lines) + "\n"
