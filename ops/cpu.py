@@ -189,24 +189,27 @@ def _per_head(x: torch.Tensor, n: int, length: int, m: int, d: int) -> torch.Ten
 
 def ms_deform_attn_cpu(value: torch.Tensor, spatial_shapes: torch.Tensor, level_start_index: torch.Tensor,
                        sampling_locations: torch.Tensor, attention_weights: torch.Tensor,
-                       keep_for_backward: bool = False) -> torch.Tensor:
+                       keep_for_backward: bool = False, method: str = "auto") -> torch.Tensor:
     """Same contract as ops.ms_deform_attn_reference (shapes there).
 
     Computes in float64 for float64 value and in float32 otherwise; returns value's dtype. Only tensor
     ops, so it runs on any device, but it is tuned and tested for CPU. Not differentiable by autograd
     (in-place ops on intermediates); the gradients are ms_deform_attn_cpu_backward. With
     `keep_for_backward` (a backward of these very tensors will follow) and a dense-sized problem, the
-    dense method runs and its geometry and sampling matrix are kept for that backward.
+    dense method runs and its geometry and sampling matrix are kept for that backward. `method`
+    "dense" / "sparse" forces one (benchmarks; a non-finite value still falls back to sparse).
     """
     n, s, m, d = value.shape
     lq = sampling_locations.shape[1]
-    method = "auto" if keep_for_backward else "sparse"
+    if method == "auto" and not keep_for_backward:
+        method = "sparse"
     value_c, method, geo = _prepare(value, spatial_shapes, level_start_index, sampling_locations,
                                     attention_weights, method)
     if method == "dense":
         matrix = _sampling_matrix(geo, n, m, lq, s)
         out = torch.bmm(matrix, _per_head(value_c, n, s, m, d))  # (N*M, Lq, D)
-        _keep(value, sampling_locations, attention_weights, geo, matrix)
+        if keep_for_backward:
+            _keep(value, sampling_locations, attention_weights, geo, matrix)
         return out.view(n, m, lq, d).transpose(1, 2).reshape(n, lq, m * d).to(value.dtype)
     table, rows = _table_and_rows(value_c, geo)
     out = F.embedding_bag(rows, table, mode="sum", per_sample_weights=geo.weights)
@@ -275,7 +278,7 @@ def ms_deform_attn_cpu_backward(value: torch.Tensor, spatial_shapes: torch.Tenso
     """
     n, s, m, d = value.shape
     lq, _, num_levels, num_points, _ = sampling_locations.shape[1:]
-    kept = _take_kept(value, sampling_locations, attention_weights) if method == "auto" else None
+    kept = _take_kept(value, sampling_locations, attention_weights) if method != "sparse" else None
     if kept is not None:
         value_c, method, geo, matrix = _compute_value(value), "dense", kept.geo, kept.matrix
     else:

@@ -95,17 +95,27 @@ def test_benchmark_ops_spread_and_round_ratios():
     assert line.count("|") == benchmark_ops.HEADER.splitlines()[0].count("|")
 
 
-def test_benchmark_ops_sparse_impl_matches_ours_on_cpu():
-    """The `ours-sparse` row runs the other backward method of the same op: same values."""
-    inputs = benchmark_ops.make_inputs("decoder", [(6, 5), (3, 3)], 2, 2, 4, 3, torch.float64, "cpu", queries=7)
+@pytest.mark.parametrize("levels", [[(6, 5), (3, 3)], [(30, 25), (15, 13)]])  # below / above the dense limit
+def test_benchmark_ops_forced_method_impls_match_ours_on_cpu(levels):
+    """The `ours-sparse` and `ours-dense` rows run the other method of the same op: same values,
+    and the dense one's kept sampling matrix is taken by its own backward."""
+    from ops import cpu as ops_cpu
+
+    inputs = benchmark_ops.make_inputs("decoder", levels, 2, 2, 4, 3, torch.float64, "cpu", queries=7)
     value, spatial, starts, loc, attn, grad = inputs
     results = []
-    for impl in (benchmark_ops.ours("cpu"), benchmark_ops.ours_sparse):
+    for impl in (benchmark_ops.ours("cpu"), benchmark_ops.ours_sparse, benchmark_ops.ours_dense):
         leaves = [t.clone().requires_grad_(True) for t in (value, loc, attn)]
         out = impl(leaves[0], spatial, starts, leaves[1], leaves[2])
         results.append([out, *torch.autograd.grad(out, leaves, grad)])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+        assert ops_cpu.kept_count() == 0
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    with torch.no_grad():  # the forward-only timing: dense, nothing kept
+        out = benchmark_ops.ours_dense(value, spatial, starts, loc, attn)
+    assert ops_cpu.kept_count() == 0
+    torch.testing.assert_close(out, results[0][0], rtol=0, atol=1e-12)
 
 
 def test_benchmark_matcher_runs_both_costs_and_rejects_bad_sizes(capsys):

@@ -14,6 +14,8 @@ Implementations (absent ones are skipped with a note):
   ours               ops.ms_deform_attn (CUDA kernels of ops/csrc, or the CPU path with --device cpu)
   ours-sparse        CPU only: ours with the backward's sparse method forced (ops/cpu.py picks the
                      dense one for small maps on its own)
+  ours-dense         CPU only: ours with the dense method forced in both directions, whatever the
+                     size (where the limits DENSE_MAX_SPATIAL / DENSE_MAX_ELEMENTS should lie)
   pytorch            ops.ms_deform_attn_reference (plain PyTorch, grid_sample per level)
   original           the Deformable-DETR CUDA op (--msda-original DIR or $MSDA_ORIGINAL_DIR; float32 only)
   deformops-triton   deformops (--deformops-wheel WHEEL or $DEFORMOPS_WHEEL, or already importable)
@@ -124,6 +126,28 @@ class _SparseBackward(torch.autograd.Function):
         from ops.cpu import ms_deform_attn_cpu_backward
         value, spatial, starts, loc, attn = ctx.saved_tensors
         gv, gl, ga = ms_deform_attn_cpu_backward(value, spatial, starts, loc, attn, grad, method="sparse")
+        return gv, None, None, gl, ga
+
+
+def ours_dense(value, spatial, starts, loc, attn):
+    """The CPU path with the dense method forced: a dense forward that keeps its sampling matrix
+    for a dense backward, as ops.ms_deform_attn does in training below the limits."""
+    return _DenseBoth.apply(value, spatial, starts, loc, attn)
+
+
+class _DenseBoth(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, value, spatial, starts, loc, attn):  # noqa: ANN001, ANN205
+        from ops.cpu import ms_deform_attn_cpu
+        ctx.save_for_backward(value, spatial, starts, loc, attn)
+        keep = any(t.requires_grad for t in (value, loc, attn))  # a backward follows (not the fwd-only timing)
+        return ms_deform_attn_cpu(value, spatial, starts, loc, attn, keep_for_backward=keep, method="dense")
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        from ops.cpu import ms_deform_attn_cpu_backward
+        value, spatial, starts, loc, attn = ctx.saved_tensors
+        gv, gl, ga = ms_deform_attn_cpu_backward(value, spatial, starts, loc, attn, grad, method="dense")
         return gv, None, None, gl, ga
 
 
@@ -323,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         impls["ours"] = ours(device)
     if device == "cpu" and "ours-sparse" in wanted:
         impls["ours-sparse"] = ours_sparse
+    if device == "cpu" and "ours-dense" in wanted:
+        impls["ours-dense"] = ours_dense
     if "pytorch" in wanted:
         impls["pytorch"] = plain_pytorch
     if device == "cuda" and "original" in wanted:
