@@ -1,7 +1,7 @@
 """The GPU scripts (tools/gpu_check.sh, tools/gpu_sweep.sh) in their CPU dry-run modes.
 
-GPU time is scarce: a script that breaks while nobody has a GPU is found out only when one is
-lent, and then costs that run. These tests run the scripts' plumbing (options, step table, budget,
+GPU time is scarce: a script that breaks while nobody has a GPU is found out only on the next GPU
+run, and then costs that run. These tests run the scripts' plumbing (options, step table, budget,
 the benchmark steps at tiny sizes) on every CI run.
 """
 from __future__ import annotations
