@@ -145,6 +145,13 @@ def test_benchmark_matcher_runs_both_costs_and_rejects_bad_sizes(capsys):
     ("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<FusedAdamW>", "optimizer and clipping"),
     ("Memcpy HtoD (Pageable -> Device)", "copies and fills"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::AddFunctor<float>>", "elementwise"),
+    ("sm90_xmma_fprop_implicit_gemm_indexed_tf32f32_tf32f32_f32_nhwckrsc_nchw", "convolutions"),
+    ("void at::native::multi_tensor_apply_kernel<at::native::LpNormFunctor<float, 1>>", "optimizer and clipping"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128>>", "attention (SDPA)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::clamp_min_scalar_kernel_impl>", "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::MaxOps<float>>>",
+     "softmax, reductions, top-k, sort"),
+    ("aten::max", "softmax, reductions, top-k, sort"),
     ("some_kernel_nobody_names", "other"),
 ])
 def test_kernel_names_group_into_kinds_of_work(name, category):

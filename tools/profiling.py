@@ -22,13 +22,17 @@ RUNTIME_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "c
 # name their kernels differently (the official op's im2col kernels, our msda:: kernels, cuBLAS's
 # nvjet / sm90 GEMMs); grouping them says which kind of work one side spends more on.
 KERNEL_CATEGORIES: tuple[tuple[str, str], ...] = (
-    ("deformable attention", r"msda|ms_deform|im2col|col2im|grid_sampler"),
+    ("deformable attention", r"msda|ms_deform|grid_sampler"),
+    ("attention (SDPA)", r"flash|fmha|scaled_dot_product|efficient_attention|mem_eff"),
+    # before matrix products: cuDNN's convolutions are implicit GEMMs ("sm90_xmma_fprop_implicit_gemm")
+    ("convolutions", r"conv|cudnn|winograd|implicit|fprop|dgrad|wgrad"),
     ("matrix products", r"gemm|cutlass|cublas|xmma|nvjet|\bsm\d+_|aten::(addmm|mm|bmm|matmul|linear|baddbmm)\b"),
-    ("convolutions", r"conv|cudnn|winograd|implicit_|fprop|dgrad|wgrad"),
-    ("normalisation", r"norm"),
+    # before normalisation: gradient clipping's norms are multi-tensor kernels too
     ("optimizer and clipping", r"adam|foreach|multi_tensor|clip_grad|_amp_"),
-    ("softmax, reductions, top-k, sort", r"softmax|reduce|\bsum\b|aten::sum|topk|sort|scan|cumsum|max|min"),
-    ("copies and fills", r"memcpy|memset|copy|fill|\bcat\b|aten::cat|catarray|index|gather|scatter|nonzero"),
+    ("normalisation", r"norm"),
+    ("softmax, reductions, top-k, sort",
+     r"softmax|reduce_kernel|reduction|topk|sort|scan|cumsum|aten::(sum|mean|max|min|amax|amin|argmax|argmin)\b"),
+    ("copies and fills", r"memcpy|memset|copy|fill|catarray|\bcat\b|aten::cat\b|index|gather|scatter|nonzero"),
     ("elementwise", r"elementwise|vectorized|unrolled|aten::(add|mul|sub|div|sigmoid|relu|exp|log|where|clamp)"),
 )
 
