@@ -23,7 +23,8 @@ Errors in the config, data or checkpoints end in one message and exit status 2; 
 DINO_UGS_DEBUG=1) shows the traceback.
 Run directory: config.json (resolved config), log.jsonl (every step), metrics.json and
 metrics_history.jsonl (every evaluation), results_val.json, plots/*.png, checkpoint_last.pth and
-checkpoint_best.pth (official layout: {"model": state_dict, ...}).
+checkpoint_best.pth (official layout: {"model": state_dict, ...}); with `runtime.profile_steps=N`,
+profile/ (summary.md of N profiled training steps and their Chrome trace).
 """
 from __future__ import annotations
 
@@ -58,6 +59,7 @@ from util.ema import ModelEMA
 from util.engine import NonFiniteLossError, TrainSettings, TrainState, evaluate, train_one_epoch
 from util.logging import RunLogger, setup_console_logging, write_json_atomic
 from util.precision import set_tf32
+from util.profiling import StepProfiler
 from util.preflight import check_data_paths, finished_run_message, launcher_process_warning
 from util.run_start import (
     DEFAULT_CONFIG,
@@ -346,6 +348,9 @@ def train(cfg: Config, accelerator: Any, parts: Parts, state: TrainState, run_lo
                              max_steps=cfg.runtime.max_steps, log_interval=cfg.runtime.log_interval,
                              checkpoint_every_steps=cfg.runtime.checkpoint_every_steps,
                              on_checkpoint=save, total_steps=planned_total_steps(cfg, accelerator, parts))
+    if cfg.runtime.profile_steps and accelerator.is_main_process:
+        settings.profiler = StepProfiler(out_dir / "profile", cfg.runtime.profile_skip, cfg.runtime.profile_steps,
+                                         accelerator.device)
     metrics = None
     t_start, step_start = time.time(), state.step
     if cfg.runtime.max_train_minutes:

@@ -144,6 +144,11 @@ class RuntimeConfig:
     find_unused_parameters: bool = False
     # Evaluate/save with the EMA weights when optim.use_ema (the raw weights are saved too).
     eval_ema: bool = True
+    # Profile this many optimizer steps (0: off) after `profile_skip` warm ones, on the main process,
+    # once per invocation: run_dir/profile/summary.md (ms per step, device-busy share, host waits,
+    # data-loader wait, device time by kind of work) and trace.json (util/profiling.py).
+    profile_steps: int = 0
+    profile_skip: int = 5
 
     def check(self) -> None:
         if not self.max_train_minutes >= 0:
@@ -153,6 +158,9 @@ class RuntimeConfig:
             raise ConfigError("runtime.max_steps, runtime.checkpoint_interval, runtime.checkpoint_every_steps "
                               "and runtime.num_threads "
                               "must be >= 0, runtime.log_interval >= 1")
+        if self.profile_steps < 0 or self.profile_skip < 0:
+            raise ConfigError(f"runtime.profile_steps and runtime.profile_skip must be >= 0, got "
+                              f"{self.profile_steps}, {self.profile_skip}")
         if self.keep_checkpoints < -1:
             raise ConfigError("runtime.keep_checkpoints must be >= 0, or -1 to keep every epoch "
                               f"checkpoint, got {self.keep_checkpoints}")

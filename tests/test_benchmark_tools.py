@@ -155,13 +155,13 @@ def test_benchmark_matcher_runs_both_costs_and_rejects_bad_sizes(capsys):
     ("some_kernel_nobody_names", "other"),
 ])
 def test_kernel_names_group_into_kinds_of_work(name, category):
-    from tools.profiling import kernel_category
+    from util.profiling import kernel_category
 
     assert kernel_category(name) == category
 
 
 def test_profile_step_groups_cpu_ops_and_the_side_by_side_table():
-    from tools.profiling import profile_step, side_by_side
+    from util.profiling import profile_step, side_by_side
 
     x = torch.randn(64, 64)
     value = torch.randn(1, 4, 16, 16)

@@ -137,7 +137,7 @@ def test_benchmark_profile_variants_cpu():
 def test_benchmark_runtime_calls_keep_only_waits_and_launches_in_a_fixed_order():
     from types import SimpleNamespace
 
-    from tools import profiling
+    from util import profiling
 
     events = [SimpleNamespace(key=k, count=c) for k, c in
               [("aten::mm", 50), ("cudaStreamSynchronize", 3), ("cudaLaunchKernel", 4000), ("cudaMemcpyAsync", 2)]]

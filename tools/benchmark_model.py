@@ -42,8 +42,7 @@ from util.cli import add_debug_option, entry_point  # noqa: E402
 from util.engine import weighted_loss  # noqa: E402
 from util.logging import json_safe  # noqa: E402
 from util.precision import tf32_mode  # noqa: E402
-
-from tools.profiling import is_host_op, on_device, range_ms, runtime_calls, self_ms  # noqa: E402
+from util.profiling import is_host_op, on_device, range_ms, runtime_calls, self_ms  # noqa: E402
 
 
 def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,

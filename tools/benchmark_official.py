@@ -45,10 +45,20 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # for tools.profiling (torch only); taken out again: the official
-from tools.profiling import profile_step, side_by_side  # noqa: E402  side imports its own `models`, `util`
 
-sys.path.remove(str(ROOT))
+
+def _load_profiling():  # noqa: ANN202
+    """util/profiling.py (torch only) loaded by path under its own name: the official side's
+    process imports the official `util` package, which ours would shadow."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("dino_ugs_profiling", ROOT / "util" / "profiling.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+profiling = _load_profiling()
 ARGS_FILE = "args_dino_5scale_r50.json"
 TARGET_IMAGES_PER_S = {"fp32": 1.3, "best": 1.5}  # ours / official
 AGREE_ATOL = 1e-3  # float32 eval outputs (logits and normalised boxes) after 6 + 6 layers
@@ -215,7 +225,7 @@ def _timed(step, device: torch.device, opts: argparse.Namespace) -> dict:
 def _profiled(step, device: torch.device) -> dict:  # noqa: ANN001
     """One step under torch.profiler (after the timed rounds: warm); an error is recorded."""
     try:
-        return profile_step(step, device)
+        return profiling.profile_step(step, device)
     except Exception as exc:  # noqa: BLE001 - the timings stand without the profile
         traceback.print_exc()
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
@@ -225,11 +235,11 @@ def _profiled(step, device: torch.device) -> dict:  # noqa: ANN001
 
 
 def profile_markdown(official: dict, ours: dict, meta: dict) -> str:
-    """The profiled step of each side per precision, side by side (tools/profiling.py)."""
+    """The profiled step of each side per precision, side by side (util/profiling.py)."""
     lines = [f"# Profiled training step, official DINO vs ours ({meta['device']}, commit {meta['commit']}, "
              f"{meta['date']})", "",
              "One step per side and precision under torch.profiler, after the timed rounds. Kinds of work "
-             "are grouped by kernel name (tools/profiling.py, KERNEL_CATEGORIES); the profiler's own overhead "
+             "are grouped by kernel name (util/profiling.py, KERNEL_CATEGORIES); the profiler's own overhead "
              "lengthens the wall time, so compare the sides, not these walls with the timed table.", ""]
     for precision in official:
         profiles = {side: result.get(precision, {}).get("profile") for side, result in
@@ -237,7 +247,7 @@ def profile_markdown(official: dict, ours: dict, meta: dict) -> str:
         if not all(p and "error" not in p for p in profiles.values()):
             lines += [f"### {precision}: not profiled ({profiles})", ""]
             continue
-        lines.append(side_by_side(profiles, f"{precision}: official {PRECISION_LABEL['official'][precision]}, "
+        lines.append(profiling.side_by_side(profiles, f"{precision}: official {PRECISION_LABEL['official'][precision]}, "
                                             f"ours {PRECISION_LABEL['ours'][precision]}"))
     return "\n".join(lines)
 

@@ -97,14 +97,15 @@ if [ "$DRY" = "1" ]; then
   MODEL_ARGS=(--cpu-only --iters 1 --warmup 0 --skip-ugs)
   TRAIN_LAUNCH=(--config_file configs/accelerate/cpu.yaml)
   TRAIN_OPTS=(data.synthetic_image_size=[192,320] data.synthetic_train_images=4 data.synthetic_val_images=2
-              runtime.max_steps=2 optim.epochs=1 data.num_workers=0)
+              runtime.max_steps=2 optim.epochs=1 data.num_workers=0 runtime.profile_skip=0 runtime.profile_steps=1)
 else
   OPS_ARGS=(--device cuda --iters 10 --warmup 3 --impls ours,original,deformops-triton)
   OFFICIAL_ARGS=()
   MODEL_ARGS=(--gpu-only --skip-dino --ugs-bf16 --ugs-iters 6 --profile)
   TRAIN_LAUNCH=(--config_file configs/accelerate/1gpu.yaml)
   TRAIN_OPTS=(data.synthetic_image_size=[800,1333] data.synthetic_train_images=100 data.synthetic_val_images=16
-              runtime.max_steps=200 runtime.max_train_minutes=1.5 optim.epochs=4 data.num_workers=4)
+              runtime.max_steps=200 runtime.max_train_minutes=1.5 optim.epochs=4 data.num_workers=4
+              runtime.profile_skip=20 runtime.profile_steps=5)
 fi
 
 # 1. build the op for this GPU (TORCH_CUDA_ARCH_LIST, else the visible GPU's arch)
@@ -152,7 +153,7 @@ step bench_model 150 "$PY" tools/benchmark_model.py "${MODEL_ARGS[@]}" --markdow
 
 # 6. a short training run through accelerate: UGS-DINO R50 from random weights on synthetic
 #    small-object scenes, evaluated at 1500 detections per image; steps/s from its log, GPU
-#    utilisation sampled every second while it runs
+#    utilisation sampled every second while it runs, and 5 of its steps profiled (train/profile/)
 UTIL_PID=""
 if command -v nvidia-smi >/dev/null && [ "$DRY" != "1" ]; then
   nvidia-smi --query-gpu=utilization.gpu --format=csv,noheader,nounits -l 1 > "$OUT/train_gpu_util.csv" 2>/dev/null &
@@ -172,6 +173,7 @@ step train 200 "$PY" -m accelerate.commands.launch "${TRAIN_LAUNCH[@]}" main.py 
     awk '{ s += $1; n += 1 } END { if (n) printf "GPU utilisation while the step ran: mean %.0f%% over %d samples (1 s apart, incl. start-up and evaluation)\n", s / n, n }' "$OUT/train_gpu_util.csv"
   fi
   [ -f "$OUT/train/metrics.json" ] && { echo; echo "metrics.json:"; cat "$OUT/train/metrics.json"; }
+  [ -f "$OUT/train/profile/summary.md" ] && { echo; cat "$OUT/train/profile/summary.md"; }
 } > "$OUT/train.md" 2>&1
 
 echo "== done in $(( $(date +%s) - START )) s"

@@ -72,6 +72,8 @@ class TrainSettings:
     # optimizer steps the whole run plans, for the progress bar's ETA (0: `max_steps` when set,
     # else the end of the current epoch)
     total_steps: int = 0
+    # told of each batch and optimizer step (util/profiling.StepProfiler); finished at the epoch's end
+    profiler: Any | None = None
 
 
 def weighted_loss(loss_dict: dict[str, torch.Tensor],
@@ -137,6 +139,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
         if settings.max_steps and state.step >= settings.max_steps:
             break
         state.batches_in_epoch += 1
+        if settings.profiler is not None:
+            settings.profiler.batch_ready()
         with accelerator.accumulate(model):
             try:
                 with accelerator.autocast():
@@ -192,6 +196,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
             state.step += 1
             bar.update(1)
             state.nonfinite_streak = 0
+            if settings.profiler is not None:
+                settings.profiler.step_done()
             record: dict[str, Any] = {"step": state.step, "epoch": epoch}
             for i, g in enumerate(optimizer.param_groups):
                 record[f"lr_{g.get('name', i)}"] = g["lr"]
@@ -216,6 +222,8 @@ def train_one_epoch(model: nn.Module, criterion: nn.Module, data_loader: Iterabl
                 state.deadline_reached = True
                 break
     bar.close()
+    if settings.profiler is not None:
+        settings.profiler.finish()  # a profile cut short by the epoch's end covers the steps it saw
     if accelerator.is_main_process and state.step > epoch_start_step:
         # one line per epoch: the bar above is erased, and logs written to a file keep this
         rate = (state.step - epoch_start_step) / max(time.monotonic() - epoch_start, 1e-9)

@@ -1,15 +1,19 @@
-"""Reading torch.profiler results of one training step: where the device time goes, and whether the
-step waits on the host. Shared by tools/benchmark_model.py (UGS over DINO) and
-tools/benchmark_official.py (the official DINO step against ours).
+"""Reading torch.profiler results of training steps: where the device time goes, and whether the
+step waits on the host. Used by the training loop (`runtime.profile_steps`, `StepProfiler`),
+tools/benchmark_model.py (UGS over DINO) and tools/benchmark_official.py (the official DINO step
+against ours).
 
-Imports torch only: benchmark_official.py loads this module in the process that runs the official
-code, whose packages `models` and `util` clash with ours.
+Imports torch only: benchmark_official.py loads this file by path in the process that runs the
+official code, whose packages `models` and `util` clash with ours.
 """
 from __future__ import annotations
 
+import json
+import logging
 import re
 import time
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -83,24 +87,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) -> dict:
-    """One profiled call of `step` (warm it up first).
+def summarize(prof: Any, device: torch.device, wall_ms: float, top: int = 15) -> dict:
+    """The profiled stretch of `prof` (a finished torch.profiler.profile) that took `wall_ms`.
 
     On CUDA the "work items" are kernels, copies and fills, timed on the device; device_busy_ms is
-    their sum, so busy / wall well below 1 means the step waits on the host (launches, syncs). On
-    a CPU they are the host ops by self time (no device: busy is 0). Returns wall_ms,
+    their sum, so busy / wall well below 1 means the steps wait on the host (launches, syncs, data).
+    On a CPU they are the host ops by self time (no device: busy is 0). Returns wall_ms,
     device_busy_ms, launches (work items run), runtime_calls, categories_ms (KERNEL_CATEGORIES)
     and top_ms (the `top` largest work items by total time, with their call counts).
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        step()
-        _sync(device)
-        wall_ms = (time.perf_counter() - start) * 1000
     events = prof.key_averages()
     items = [e for e in events if (on_device(e) if device.type == "cuda" else is_host_op(e))]
     item_ms = {e.key: self_ms(e, device) for e in items}
@@ -114,6 +109,101 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) 
             "runtime_calls": runtime_calls(events),
             "categories_ms": dict(sorted(categories.items(), key=lambda kv: -kv[1])),
             "top_ms": {e.key: {"ms": item_ms[e.key], "calls": e.count} for e in largest}}
+
+
+def _activities(device: torch.device) -> list:
+    from torch.profiler import ProfilerActivity
+
+    return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+
+
+def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) -> dict:
+    """One profiled call of `step` (warm it up first): `summarize` of it."""
+    from torch.profiler import profile
+
+    _sync(device)
+    with profile(activities=_activities(device)) as prof:
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        wall_ms = (time.perf_counter() - start) * 1000
+    return summarize(prof, device, wall_ms, top)
+
+
+class StepProfiler:
+    """Profiles `steps` optimizer steps of a training run after `skip` warm ones, once.
+
+    The training loop calls `batch_ready()` when a batch has arrived from the loader and
+    `step_done()` after each optimizer step; `finish()` (also at the end of an epoch) writes
+    OUT_DIR/summary.md and summary.json (the steps' wall time, device-busy share, host waits, the
+    time spent waiting for the data loader, device time by kind of work) and OUT_DIR/trace.json
+    (a Chrome trace: chrome://tracing or https://ui.perfetto.dev).
+    """
+
+    def __init__(self, out_dir: str | Path, skip: int, steps: int, device: torch.device,
+                 logger: logging.Logger | None = None) -> None:
+        if skip < 0 or steps < 1:
+            raise ValueError(f"StepProfiler: skip must be >= 0 and steps >= 1, got {skip}, {steps}")
+        self.out_dir, self.skip, self.steps, self.device = Path(out_dir), skip, steps, device
+        self.log = logger or logging.getLogger(__name__)
+        self.seen = 0  # optimizer steps before profiling started
+        self.profiled = 0
+        self.prof: Any = None
+        self.start = 0.0
+        self.last_step_end: float | None = None
+        self.data_wait_s = 0.0
+        self.done = False
+
+    def batch_ready(self) -> None:
+        if self.done:
+            return
+        now = time.perf_counter()
+        if self.prof is None and self.seen >= self.skip:
+            from torch.profiler import profile
+
+            _sync(self.device)
+            self.prof = profile(activities=_activities(self.device))
+            self.prof.__enter__()
+            self.start = time.perf_counter()
+        elif self.prof is not None and self.last_step_end is not None:
+            self.data_wait_s += now - self.last_step_end
+        self.last_step_end = None
+
+    def step_done(self) -> None:
+        if self.done:
+            return
+        if self.prof is None:
+            self.seen += 1
+            return
+        self.profiled += 1
+        self.last_step_end = time.perf_counter()
+        if self.profiled >= self.steps:
+            self.finish()
+
+    def finish(self) -> dict | None:
+        """Stops profiling (if it started) and writes the files; later calls do nothing."""
+        if self.done or self.prof is None:
+            return None
+        self.done = True
+        _sync(self.device)
+        wall_ms = (time.perf_counter() - self.start) * 1000
+        self.prof.__exit__(None, None, None)
+        summary = summarize(self.prof, self.device, wall_ms, top=25)
+        summary.update(steps=self.profiled, skipped_before=self.skip, data_wait_ms=self.data_wait_s * 1000)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(self.out_dir / "trace.json"))
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        per_step = wall_ms / max(self.profiled, 1)
+        text = side_by_side({"profiled steps": summary},
+                            f"{self.profiled} training steps after {self.skip} warm ones: {per_step:.1f} ms "
+                            f"per step, {self.data_wait_s * 1000 / max(self.profiled, 1):.1f} ms of it "
+                            "waiting for the data loader")
+        (self.out_dir / "summary.md").write_text(text)
+        self.log.info("profile of %d training steps: %s (%.1f ms per step, device busy %.0f%% of the wall "
+                      "time; trace: %s)", self.profiled, self.out_dir / "summary.md", per_step,
+                      100 * summary["device_busy_ms"] / max(wall_ms, 1e-9), self.out_dir / "trace.json")
+        self.prof = None
+        return summary
 
 
 def side_by_side(profiles: dict[str, dict], title: str) -> str:
