@@ -175,6 +175,14 @@ def build_fake_data(cfg, n_train: int = 8, n_val: int = 7):  # noqa: ANN001, ANN
                 class_names={0: "one", 1: "two"})
 
 
+def run_fake(out_dir: str | Path, extra: list[str] | None = None) -> dict:
+    """main.run on the fake model and data with fake_config(out_dir, extra)."""
+    from main import parse_args, run
+
+    return run(parse_args([]), fake_config(out_dir, extra), build_model_fn=build_fake_model,
+               build_data_fn=build_fake_data)
+
+
 def fake_config(out_dir: str | Path, extra: list[str] | None = None):  # noqa: ANN201
     from configs import Config, apply_overrides
 

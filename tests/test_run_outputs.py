@@ -3,11 +3,10 @@ per-epoch checkpoints pruned to runtime.keep_checkpoints, the data report, stric
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from tests.engine_fakes import build_fake_data, build_fake_model, fake_config, reset_accelerate
+from tests.engine_fakes import reset_accelerate, run_fake
 
 
 @pytest.fixture(autouse=True)
@@ -16,16 +15,9 @@ def _fresh_accelerate_state():
     reset_accelerate()
 
 
-def _run(out: Path, extra: list[str]) -> dict:
-    from main import parse_args, run
-
-    return run(parse_args([]), fake_config(out, extra), build_model_fn=build_fake_model,
-               build_data_fn=build_fake_data)
-
-
 def test_run_keeps_only_the_newest_epoch_checkpoints_and_writes_the_data_report(tmp_path):
     out = tmp_path / "run"
-    _run(out, ["optim.epochs=4", "runtime.checkpoint_interval=1", "runtime.keep_checkpoints=2"])
+    run_fake(out, ["optim.epochs=4", "runtime.checkpoint_interval=1", "runtime.keep_checkpoints=2"])
     names = sorted(p.name for p in out.glob("checkpoint*.pth"))
     assert names == ["checkpoint_best.pth", "checkpoint_epoch0003.pth", "checkpoint_epoch0004.pth",
                      "checkpoint_last.pth"]

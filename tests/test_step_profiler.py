@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.engine_fakes import build_fake_data, build_fake_model, fake_config, reset_accelerate
+from tests.engine_fakes import fake_config, reset_accelerate, run_fake
 from util.profiling import StepProfiler
 
 
@@ -19,16 +19,9 @@ def _fresh_accelerate_state():
     reset_accelerate()
 
 
-def _run(out: Path, extra: list[str]) -> dict:
-    from main import parse_args, run
-
-    return run(parse_args([]), fake_config(out, extra), build_model_fn=build_fake_model,
-               build_data_fn=build_fake_data)
-
-
 def test_training_run_profiles_the_requested_steps_once(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _run(out, ["runtime.profile_skip=1", "runtime.profile_steps=2"])  # 4 steps per epoch, 2 epochs
+    run_fake(out, ["runtime.profile_skip=1", "runtime.profile_steps=2"])  # 4 steps per epoch, 2 epochs
     summary = json.loads((out / "profile" / "summary.json").read_text())
     assert summary["steps"] == 2 and summary["skipped_before"] == 1
     assert summary["wall_ms"] > 0 and summary["launches"] > 10 and summary["data_wait_ms"] >= 0
@@ -42,7 +35,7 @@ def test_training_run_profiles_the_requested_steps_once(tmp_path: Path) -> None:
 
 def test_profile_longer_than_the_epoch_ends_with_the_epoch(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    _run(out, ["runtime.profile_skip=1", "runtime.profile_steps=50"])
+    run_fake(out, ["runtime.profile_skip=1", "runtime.profile_steps=50"])
     assert json.loads((out / "profile" / "summary.json").read_text())["steps"] == 3  # steps 2-4 of epoch 0
 
 
@@ -50,7 +43,7 @@ def test_no_profile_by_default_and_negative_counts_are_config_errors(tmp_path: P
     from configs import ConfigError
 
     out = tmp_path / "run"
-    _run(out, ["runtime.max_steps=2"])
+    run_fake(out, ["runtime.max_steps=2"])
     assert not (out / "profile").exists()
     with pytest.raises(ConfigError, match="runtime.profile_steps"):
         fake_config(tmp_path / "bad", ["runtime.profile_steps=-1"]).check()
