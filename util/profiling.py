@@ -212,7 +212,8 @@ def side_by_side(profiles: dict[str, dict], title: str) -> str:
     names = list(profiles)
     unit = "device ms" if any(p["device_busy_ms"] > 0 for p in profiles.values()) else "host self ms"
     lines = [f"### {title}", "", "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    lines.append("| profiled step, wall ms | " + " | ".join(f"{profiles[n]['wall_ms']:.1f}" for n in names) + " |")
+    lines.append("| wall ms, profiled (profiler overhead included) | "
+                 + " | ".join(f"{profiles[n]['wall_ms']:.1f}" for n in names) + " |")
     lines.append("| device busy ms (share of wall) | " + " | ".join(
         f"{profiles[n]['device_busy_ms']:.1f} ({profiles[n]['device_busy_ms'] / profiles[n]['wall_ms']:.2f})"
         for n in names) + " |")
