@@ -42,7 +42,7 @@ from util.cli import add_debug_option, entry_point  # noqa: E402
 from util.engine import weighted_loss  # noqa: E402
 from util.logging import json_safe  # noqa: E402
 from util.precision import tf32_mode  # noqa: E402
-from util.profiling import is_host_op, on_device, range_ms, runtime_calls, self_ms  # noqa: E402
+from util.profiling import is_host_op, on_device, profiled_call, range_ms, runtime_calls, self_ms  # noqa: E402
 
 
 def make_batch(batch: int, h: int, w: int, boxes_per_image: int, device: torch.device, num_classes: int = 91,
@@ -294,20 +294,12 @@ def profile_variants(config: str, overrides: list[str], device: torch.device, ba
     host syncs) rather than on the GPU; text holds the `top` ops by self device time (by self CPU
     time on CPU) per variant.
     """
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort_key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     result: dict = {}
     texts = []
     for key, label, override in variants:
         step = _variant_step(config, overrides, override, device, batch_size, h, w, boxes, max_box, warmup)
-        sync(device)
-        with profile(activities=activities) as prof:
-            start = time.perf_counter()
-            step()
-            sync(device)
-            wall_ms = (time.perf_counter() - start) * 1000
+        prof, wall_ms = profiled_call(step, device)
         events = prof.key_averages()
         # kernels and copies only: an op's self device time repeats its kernels' (counted twice)
         busy_ms = sum(e.self_device_time_total for e in events if on_device(e)) / 1000

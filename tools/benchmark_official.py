@@ -212,23 +212,22 @@ def _default_tf32() -> tuple[bool, bool]:
 
 
 def _timed(step, device: torch.device, opts: argparse.Namespace) -> dict:
-    try:
-        return time_steps(step, device, opts.warmup, opts.steps, opts.repeats)
-    except Exception as exc:  # noqa: BLE001 - recorded; the other precision still runs
-        traceback.print_exc()
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
-    finally:
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    return _recorded(lambda: time_steps(step, device, opts.warmup, opts.steps, opts.repeats), device)
 
 
 def _profiled(step, device: torch.device) -> dict:  # noqa: ANN001
-    """One step under torch.profiler (after the timed rounds: warm); an error is recorded."""
+    """One step under torch.profiler (after the timed rounds: warm)."""
+    return _recorded(lambda: profiling.profile_step(step, device), device)
+
+
+def _recorded(run, device: torch.device) -> dict:  # noqa: ANN001
+    """run()'s result, or its exception printed and recorded as {"error": ...}: the other precision,
+    or the timings a failed profile belongs to, still stand."""
     try:
-        return profiling.profile_step(step, device)
-    except Exception as exc:  # noqa: BLE001 - the timings stand without the profile
+        return run()
+    except Exception as exc:  # noqa: BLE001 - recorded
         traceback.print_exc()
-        return {"error": f"{type(exc).__name__}: {exc}"[:200]}
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"}
     finally:
         if device.type == "cuda":
             torch.cuda.empty_cache()

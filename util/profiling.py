@@ -101,7 +101,8 @@ def summarize(prof: Any, device: torch.device, wall_ms: float, top: int = 15) ->
     item_ms = {e.key: self_ms(e, device) for e in items}
     categories: dict[str, float] = {}
     for name, ms in item_ms.items():
-        categories[kernel_category(name)] = categories.get(kernel_category(name), 0.0) + ms
+        category = kernel_category(name)
+        categories[category] = categories.get(category, 0.0) + ms
     largest = sorted(items, key=lambda e: item_ms[e.key], reverse=True)[:top]
     return {"wall_ms": wall_ms,
             "device_busy_ms": sum(item_ms.values()) if device.type == "cuda" else 0.0,
@@ -117,8 +118,9 @@ def _activities(device: torch.device) -> list:
     return [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
 
 
-def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) -> dict:
-    """One profiled call of `step` (warm it up first): `summarize` of it."""
+def profiled_call(step: Callable[[], None], device: torch.device) -> tuple[Any, float]:
+    """One call of `step` (warm it up first) under torch.profiler, the device synchronised on both
+    sides: (the finished profiler, wall ms)."""
     from torch.profiler import profile
 
     _sync(device)
@@ -127,6 +129,12 @@ def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) 
         step()
         _sync(device)
         wall_ms = (time.perf_counter() - start) * 1000
+    return prof, wall_ms
+
+
+def profile_step(step: Callable[[], None], device: torch.device, top: int = 15) -> dict:
+    """`summarize` of one profiled call of `step` (warm it up first)."""
+    prof, wall_ms = profiled_call(step, device)
     return summarize(prof, device, wall_ms, top)
 
 
